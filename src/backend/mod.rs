@@ -1,0 +1,2 @@
+//! Backends that execute model ops.
+pub mod cpu;
