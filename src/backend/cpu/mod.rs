@@ -1,1 +1,11 @@
-//! CPU backend.
+//! The CPU backend: the reference every other backend is tested against, and
+//! the fallback without a GPU. Multithreaded with rayon; quantized weights are
+//! decoded on the fly from the memory map.
+
+pub mod attention;
+mod decoder;
+pub mod gemm;
+pub mod matmul;
+pub mod ops;
+
+pub use decoder::{CpuDecoder, KvCache, Logits};

@@ -1,0 +1,162 @@
+//! Products with a quantized weight matrix, decoded on the fly.
+//!
+//! `W` is `[rows, cols]` in its GGUF block layout; activations `x` are
+//! `(n_tok, cols)` f32, outputs `(n_tok, rows)`. Few tokens (generation):
+//! each output is one quantized row · x, rows split across threads. Many
+//! tokens (prompts, scoring): threads take bands of `BAND` rows, decode the
+//! band into a small f32 scratch and run an f32 GEMM against all tokens, so
+//! no more than `BAND × cols` weights per thread exist as f32 at any time.
+
+use super::gemm::gemm_nt;
+use crate::quant::{self, GgmlType};
+use rayon::prelude::*;
+
+/// Rows of the weight decoded at once per thread in the GEMM path.
+const BAND: usize = 64;
+/// At or above this many tokens the GEMM path beats row dot products.
+const GEMM_MIN_TOKENS: usize = 4;
+/// Rows per task in the dot-product path.
+const DOT_CHUNK: usize = 32;
+
+/// A borrowed quantized matrix.
+#[derive(Clone, Copy)]
+pub struct QMatrix<'a> {
+    /// Block format.
+    pub ty: GgmlType,
+    /// Output features.
+    pub rows: usize,
+    /// Input features (length of a row).
+    pub cols: usize,
+    /// `rows × row_bytes` bytes.
+    pub data: &'a [u8],
+}
+
+impl<'a> QMatrix<'a> {
+    /// Wrap `data`, checking its length against the shape.
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> crate::Result<Self> {
+        let rb = ty.row_bytes(cols).ok_or_else(|| {
+            crate::Error::Quant(format!("{cols} columns is not a whole number of {} blocks", ty.name()))
+        })?;
+        if rb.checked_mul(rows) != Some(data.len()) {
+            return Err(crate::Error::Quant(format!(
+                "{} matrix {rows}×{cols} needs {} bytes, got {}",
+                ty.name(),
+                rb.saturating_mul(rows),
+                data.len()
+            )));
+        }
+        Ok(QMatrix { ty, rows, cols, data })
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.data.len() / self.rows.max(1)
+    }
+
+    /// The stored bytes of row `r`.
+    pub fn row(&self, r: usize) -> &'a [u8] {
+        let rb = self.row_bytes();
+        &self.data[r * rb..(r + 1) * rb]
+    }
+
+    /// Decode row `r` into `out` (`cols` values).
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        quant::dequantize_row(self.ty, self.row(r), out).expect("QMatrix shape checked in new");
+    }
+}
+
+/// Raw pointer that may be shared by threads writing disjoint elements.
+#[derive(Clone, Copy)]
+struct SharedOut(*mut f32);
+// SAFETY: used only to write disjoint column bands of one output slice.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    // A method (not a field access) so closures capture the whole wrapper.
+    fn ptr(&self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// `out[t·rows + r] = Σ_k x[t·cols + k] · W[r, k]`.
+pub fn matmul(x: &[f32], w: &QMatrix, out: &mut [f32]) {
+    let n_tok = x.len() / w.cols;
+    assert_eq!(x.len(), n_tok * w.cols, "matmul: x is not (n_tok, cols)");
+    assert_eq!(out.len(), n_tok * w.rows, "matmul: out is not (n_tok, rows)");
+    if n_tok < GEMM_MIN_TOKENS {
+        for (xt, ot) in x.chunks_exact(w.cols).zip(out.chunks_exact_mut(w.rows)) {
+            matvec(xt, w, ot);
+        }
+        return;
+    }
+    let bands = w.rows.div_ceil(BAND);
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    let out_len = out.len();
+    (0..bands).into_par_iter().for_each_init(
+        || vec![0.0f32; BAND * w.cols],
+        |scratch, band| {
+            let r0 = band * BAND;
+            let nr = BAND.min(w.rows - r0);
+            for i in 0..nr {
+                w.dequantize_row(r0 + i, &mut scratch[i * w.cols..(i + 1) * w.cols]);
+            }
+            // SAFETY: this task writes only columns r0..r0+nr of each output
+            // row; bands are disjoint, and the slice outlives the parallel loop.
+            let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr(), out_len) };
+            gemm_nt(n_tok, nr, w.cols, x, w.cols, scratch, w.cols, &mut out[r0..], w.rows, false);
+        },
+    );
+}
+
+/// `out[r] = W[r, :] · x` for one token.
+pub fn matvec(x: &[f32], w: &QMatrix, out: &mut [f32]) {
+    out.par_chunks_mut(DOT_CHUNK).enumerate().for_each(|(c, o)| {
+        for (i, y) in o.iter_mut().enumerate() {
+            *y = quant::dot_row(w.ty, w.row(c * DOT_CHUNK + i), x);
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(ty: GgmlType, rows: usize, cols: usize, n_tok: usize) {
+        let vals: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0).collect();
+        let rb = ty.row_bytes(cols).unwrap();
+        let mut data = vec![0u8; rb * rows];
+        for r in 0..rows {
+            quant::quantize_row(ty, &vals[r * cols..(r + 1) * cols], &mut data[r * rb..(r + 1) * rb]).unwrap();
+        }
+        let w = QMatrix::new(ty, rows, cols, &data).unwrap();
+        let x: Vec<f32> = (0..n_tok * cols).map(|i| ((i * 31 % 17) as f32 / 8.0) - 1.0).collect();
+        let mut out = vec![0.0; n_tok * rows];
+        matmul(&x, &w, &mut out);
+        let mut row = vec![0.0; cols];
+        for r in 0..rows {
+            w.dequantize_row(r, &mut row);
+            for t in 0..n_tok {
+                let want: f64 = (0..cols).map(|k| row[k] as f64 * x[t * cols + k] as f64).sum();
+                let got = out[t * rows + r] as f64;
+                assert!((got - want).abs() <= 1e-3 * (1.0 + want.abs()), "{ty:?} t={t} r={r}: {got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn gemm_and_dot_paths_agree_with_dequantized_rows() {
+        // 130 rows: two full bands and a partial one.
+        for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_1, GgmlType::Q4_0] {
+            check(ty, 130, 64, 1);
+            check(ty, 130, 64, 3);
+            check(ty, 130, 64, 9);
+        }
+    }
+
+    #[test]
+    fn wrong_length_is_an_error_not_a_panic() {
+        let data = vec![0u8; 10];
+        assert!(QMatrix::new(GgmlType::Q8_0, 2, 32, &data).is_err());
+        assert!(QMatrix::new(GgmlType::Q8_0, 1, 31, &data).is_err());
+    }
+}

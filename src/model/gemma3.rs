@@ -1,0 +1,102 @@
+//! `gemma3` (Gemma 3 text models), as llama.cpp interprets the GGUF:
+//! embeddings scaled by √n_embd; per-head RMSNorm of queries and keys;
+//! RMSNorm after attention and after the feed-forward, before each residual
+//! add; GELU-tanh gating; five sliding-window layers (RoPE base 10 000) for
+//! every global one (the file's `rope.freq_base`). Norm weights in the GGUF
+//! already include Gemma's `1 +` offset (the converter adds it).
+
+use super::{hparam, Activation, DecoderSpec, LayerSpec, Rope, RopeKind, Tensors};
+use crate::gguf::GgufFile;
+use crate::Result;
+
+/// Every `SWA_PATTERN`-th layer attends globally; the others use the window
+/// (llama.cpp: `set_swa_pattern(6)` for gemma3; the GGUF has no key for it).
+const SWA_PATTERN: usize = 6;
+/// RoPE base of the sliding-window layers (llama.cpp: `rope_freq_base_train_swa`).
+const SWA_ROPE_BASE: f32 = 10_000.0;
+
+pub(super) fn spec(file: &GgufFile) -> Result<DecoderSpec> {
+    let a = "gemma3";
+    let n_embd = hparam(file, a, "embedding_length")?;
+    let n_layer = hparam(file, a, "block_count")?;
+    let n_head = hparam(file, a, "attention.head_count")?;
+    let n_kv_head = file
+        .get_u64("gemma3.attention.head_count_kv")
+        .map_or(n_head, |v| v as usize);
+    let n_ff = hparam(file, a, "feed_forward_length")?;
+    let head_dim = file
+        .get_u64("gemma3.attention.key_length")
+        .map_or(n_embd / n_head, |v| v as usize);
+    let rope_base = file.get_f32("gemma3.rope.freq_base").unwrap_or(1_000_000.0);
+    let norm_eps = file
+        .get_f32("gemma3.attention.layer_norm_rms_epsilon")
+        .unwrap_or(1e-6);
+    let window = file
+        .get_u64("gemma3.attention.sliding_window")
+        .map_or(512, |v| v as usize);
+    let context_length = file
+        .get_u64("gemma3.context_length")
+        .map_or(32768, |v| v as usize);
+    let rope_scale = file.get_f32("gemma3.rope.scaling.factor").unwrap_or(1.0);
+    if rope_scale != 1.0 {
+        return Err(crate::Error::Model(format!(
+            "{}: gemma3 RoPE scaling (factor {rope_scale}) is not supported yet",
+            file.path().display()
+        )));
+    }
+
+    let t = Tensors::new(file);
+    let token_embd = t.table("token_embd.weight", n_embd)?;
+    let n_vocab = token_embd.rows;
+    let output = t
+        .opt("output.weight", &[n_embd, n_vocab])?
+        .unwrap_or_else(|| token_embd.clone());
+    let output_norm = t.get("output_norm.weight", &[n_embd])?;
+    let q = n_head * head_dim;
+    let kv = n_kv_head * head_dim;
+    let layers = (0..n_layer)
+        .map(|i| {
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            let global = i % SWA_PATTERN == SWA_PATTERN - 1;
+            Ok(LayerSpec {
+                attn_norm: t.get(&n("attn_norm"), &[n_embd])?,
+                wq: t.get(&n("attn_q"), &[n_embd, q])?,
+                wk: t.get(&n("attn_k"), &[n_embd, kv])?,
+                wv: t.get(&n("attn_v"), &[n_embd, kv])?,
+                wo: t.get(&n("attn_output"), &[q, n_embd])?,
+                q_norm: Some(t.get(&n("attn_q_norm"), &[head_dim])?),
+                k_norm: Some(t.get(&n("attn_k_norm"), &[head_dim])?),
+                post_attn_norm: Some(t.get(&n("post_attention_norm"), &[n_embd])?),
+                ffn_norm: t.get(&n("ffn_norm"), &[n_embd])?,
+                w_gate: t.get(&n("ffn_gate"), &[n_embd, n_ff])?,
+                w_up: t.get(&n("ffn_up"), &[n_embd, n_ff])?,
+                w_down: t.get(&n("ffn_down"), &[n_ff, n_embd])?,
+                post_ffn_norm: Some(t.get(&n("post_ffw_norm"), &[n_embd])?),
+                rope: Rope {
+                    kind: RopeKind::Halves,
+                    base: if global { rope_base } else { SWA_ROPE_BASE },
+                    dims: head_dim,
+                },
+                window: (!global).then_some(window),
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok(DecoderSpec {
+        arch: a.into(),
+        n_embd,
+        n_head,
+        n_kv_head,
+        head_dim,
+        n_ff,
+        n_vocab,
+        context_length,
+        norm_eps,
+        attn_scale: 1.0 / (head_dim as f32).sqrt(),
+        embed_scale: Some((n_embd as f32).sqrt()),
+        activation: Activation::GeluTanh,
+        token_embd,
+        output_norm,
+        output,
+        layers,
+    })
+}
