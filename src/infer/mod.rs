@@ -1,1 +1,12 @@
-//! TODO
+//! Using a model: generation with a KV cache and sampling, scoring
+//! (log-likelihood, perplexity), and throughput benchmarks.
+
+mod bench;
+mod generate;
+mod sample;
+mod score;
+
+pub use bench::{bench, BenchOptions, BenchResult};
+pub use generate::{generate, GenerateOptions, Generation, StopReason, Utf8Stream};
+pub use sample::{argmax, Sampler, SamplingParams};
+pub use score::{perplexity, Score};

@@ -9,6 +9,9 @@
 
 mod gemma3;
 mod llama;
+mod summary;
+
+pub use summary::ModelSummary;
 
 use crate::gguf::{GgufFile, TensorInfo};
 use crate::quant::GgmlType;

@@ -1,0 +1,132 @@
+//! Argument parsing, shared options, and error reporting with exit codes.
+
+mod bench;
+mod generate;
+mod info;
+mod score;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use edgetune::Error;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// The model `models/fetch` downloads and every command uses by default.
+pub const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+/// Exit code for errors in input, model or runtime.
+const EXIT_FAILURE: u8 = 1;
+/// Exit code when the user cancelled (Ctrl-C is the shell's 130).
+const EXIT_CANCELLED: u8 = 130;
+
+/// Fine-tune and run quantized language models on this machine.
+#[derive(Parser)]
+#[command(name = "edgetune", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Worker threads (default: all cores).
+    #[arg(long, global = true, value_name = "N")]
+    threads: Option<usize>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a GGUF model's architecture, hyper-parameters, tensors and tokenizer.
+    Info(info::InfoArgs),
+    /// Generate text from a prompt, streaming tokens as they come.
+    Generate(generate::GenerateArgs),
+    /// Perplexity of a text file.
+    Score(score::ScoreArgs),
+    /// Prompt and generation throughput.
+    Bench(bench::BenchArgs),
+}
+
+/// Where the model runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Device {
+    /// The best available device (for now, the CPU).
+    Auto,
+    /// The CPU backend.
+    Cpu,
+}
+
+/// Options every model command takes.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// GGUF model file [default: models/SmolLM2-135M-Instruct.Q4_1.gguf, or $EDGETUNE_MODEL]
+    #[arg(value_name = "MODEL")]
+    pub model: Option<PathBuf>,
+    /// Device to run on.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub device: Device,
+}
+
+impl ModelArgs {
+    /// The model path: the argument, `$EDGETUNE_MODEL`, or the default model
+    /// in `models/` (next to the working directory or the source tree).
+    pub fn path(&self) -> Result<PathBuf, Error> {
+        if let Some(p) = &self.model {
+            return Ok(p.clone());
+        }
+        if let Some(p) = std::env::var_os("EDGETUNE_MODEL") {
+            return Ok(PathBuf::from(p));
+        }
+        let candidates = [
+            Path::new("models").join(DEFAULT_MODEL),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(DEFAULT_MODEL),
+        ];
+        candidates.iter().find(|p| p.exists()).cloned().ok_or_else(|| {
+            Error::Invalid(format!(
+                "no MODEL given and the default model is not at {}: run `models/fetch` first, or pass a GGUF file",
+                candidates[0].display()
+            ))
+        })
+    }
+}
+
+/// Parse arguments, run the command, and turn errors into messages and exit codes.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
+            eprintln!("error: --threads {n}: {e}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    }
+    let result = match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Score(a) => score::run(a),
+        Command::Bench(a) => bench::run(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Error::Cancelled) => {
+            eprintln!("cancelled");
+            ExitCode::from(EXIT_CANCELLED)
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// A progress bar on stderr (hidden when stderr is not a terminal).
+pub fn progress_bar(total: usize, what: &str) -> indicatif::ProgressBar {
+    let pb = indicatif::ProgressBar::new(total as u64);
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+/// Print `value` as one line of JSON on stdout.
+pub fn print_json(value: &impl serde::Serialize) -> Result<(), Error> {
+    let s = serde_json::to_string(value).map_err(|e| Error::Invalid(format!("JSON output: {e}")))?;
+    println!("{s}");
+    Ok(())
+}

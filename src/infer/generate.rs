@@ -1,0 +1,170 @@
+//! Text generation with a KV cache: the prompt in one batched pass, then one
+//! token at a time, streamed to a callback as complete UTF-8 text.
+
+use super::sample::{Sampler, SamplingParams};
+use crate::backend::cpu::{CpuDecoder, Logits};
+use crate::tokenizer::Tokenizer;
+use crate::{Error, Result};
+use std::ops::ControlFlow;
+use std::time::Instant;
+
+/// Options of [`generate`].
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// Most tokens to generate.
+    pub max_tokens: usize,
+    /// How tokens are picked.
+    pub sampling: SamplingParams,
+    /// Stop at the model's end-of-generation tokens (EOS, end-of-turn).
+    pub stop_at_end: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions { max_tokens: 128, sampling: SamplingParams::default(), stop_at_end: true }
+    }
+}
+
+/// Why generation stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopReason {
+    /// The model produced an end-of-generation token.
+    EndOfGeneration,
+    /// `max_tokens` were generated.
+    MaxTokens,
+    /// The model's context is full.
+    ContextFull,
+    /// The callback asked to stop.
+    Stopped,
+}
+
+/// What [`generate`] produced, with timings.
+#[derive(Debug, Clone)]
+pub struct Generation {
+    /// Tokens of the prompt.
+    pub prompt_tokens: usize,
+    /// Generated token ids (including a final end token, if any).
+    pub tokens: Vec<u32>,
+    /// Generated text (without a final end token).
+    pub text: String,
+    /// Why it stopped.
+    pub stop: StopReason,
+    /// Seconds spent on the prompt pass.
+    pub prompt_seconds: f64,
+    /// Seconds spent generating after the prompt.
+    pub generate_seconds: f64,
+}
+
+/// Accumulates token bytes and releases the longest valid UTF-8 prefix, so a
+/// character split across tokens is printed whole.
+#[derive(Default)]
+pub struct Utf8Stream {
+    pending: Vec<u8>,
+}
+
+impl Utf8Stream {
+    /// Add bytes; return the text that is now complete.
+    pub fn push(&mut self, bytes: &[u8]) -> String {
+        self.pending.extend_from_slice(bytes);
+        let valid = match std::str::from_utf8(&self.pending) {
+            Ok(s) => s.len(),
+            // An invalid sequence (not just an unfinished one) is emitted as U+FFFD.
+            Err(e) if e.error_len().is_some() => self.pending.len(),
+            Err(e) => e.valid_up_to(),
+        };
+        let out = String::from_utf8_lossy(&self.pending[..valid]).into_owned();
+        self.pending.drain(..valid);
+        out
+    }
+
+    /// Whatever is left, lossily.
+    pub fn finish(&mut self) -> String {
+        let out = String::from_utf8_lossy(&self.pending).into_owned();
+        self.pending.clear();
+        out
+    }
+}
+
+/// Generate after `prompt` (token ids, special tokens included), calling
+/// `on_text` with each newly completed piece of text; it may stop generation
+/// by returning `Break`.
+pub fn generate(
+    decoder: &CpuDecoder,
+    tokenizer: &Tokenizer,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+    on_text: &mut dyn FnMut(&str) -> ControlFlow<()>,
+) -> Result<Generation> {
+    opts.sampling.validate()?;
+    if prompt.is_empty() {
+        return Err(Error::Invalid("the prompt is empty (no tokens)".into()));
+    }
+    let ctx = decoder.spec().context_length;
+    if prompt.len() >= ctx {
+        return Err(Error::Invalid(format!(
+            "the prompt has {} tokens; the model's context is {ctx}",
+            prompt.len()
+        )));
+    }
+    let capacity = (prompt.len() + opts.max_tokens).min(ctx);
+    let mut cache = decoder.new_cache(capacity);
+    let mut sampler = Sampler::new(opts.sampling);
+    let mut stream = Utf8Stream::default();
+    let mut text = String::new();
+    let mut tokens = Vec::new();
+
+    let t0 = Instant::now();
+    let mut logits = decoder.forward(prompt, &mut cache, Logits::Last)?;
+    let prompt_seconds = t0.elapsed().as_secs_f64();
+    let t1 = Instant::now();
+    let stop = loop {
+        if tokens.len() >= opts.max_tokens {
+            break StopReason::MaxTokens;
+        }
+        let id = sampler.sample(&logits);
+        tokens.push(id);
+        if opts.stop_at_end && tokenizer.is_end_of_generation(id) {
+            break StopReason::EndOfGeneration;
+        }
+        let piece = stream.push(&tokenizer.token_bytes(id));
+        text.push_str(&piece);
+        if !piece.is_empty() && on_text(&piece).is_break() {
+            break StopReason::Stopped;
+        }
+        if cache.len() >= capacity {
+            break if capacity == ctx { StopReason::ContextFull } else { StopReason::MaxTokens };
+        }
+        logits = decoder.forward(&[id], &mut cache, Logits::Last)?;
+    };
+    let rest = stream.finish();
+    if !rest.is_empty() {
+        text.push_str(&rest);
+        let _ = on_text(&rest);
+    }
+    Ok(Generation {
+        prompt_tokens: prompt.len(),
+        tokens,
+        text,
+        stop,
+        prompt_seconds,
+        generate_seconds: t1.elapsed().as_secs_f64(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Utf8Stream;
+
+    #[test]
+    fn split_characters_come_out_whole() {
+        let bytes = "é東🚀".as_bytes();
+        let mut s = Utf8Stream::default();
+        let mut out = String::new();
+        for b in bytes {
+            out.push_str(&s.push(&[*b]));
+        }
+        assert_eq!(out, "é東🚀");
+        assert_eq!(s.push(&[0xE6]), "");
+        assert_eq!(s.finish(), "\u{FFFD}");
+    }
+}
