@@ -1,3 +1,7 @@
-fn main() {
-    println!("Hello, world!");
+//! The `edgetune` command. Every command is a thin layer over library calls.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    cli::main()
 }

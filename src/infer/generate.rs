@@ -55,36 +55,6 @@ pub struct Generation {
     pub generate_seconds: f64,
 }
 
-/// Accumulates token bytes and releases the longest valid UTF-8 prefix, so a
-/// character split across tokens is printed whole.
-#[derive(Default)]
-pub struct Utf8Stream {
-    pending: Vec<u8>,
-}
-
-impl Utf8Stream {
-    /// Add bytes; return the text that is now complete.
-    pub fn push(&mut self, bytes: &[u8]) -> String {
-        self.pending.extend_from_slice(bytes);
-        let valid = match std::str::from_utf8(&self.pending) {
-            Ok(s) => s.len(),
-            // An invalid sequence (not just an unfinished one) is emitted as U+FFFD.
-            Err(e) if e.error_len().is_some() => self.pending.len(),
-            Err(e) => e.valid_up_to(),
-        };
-        let out = String::from_utf8_lossy(&self.pending[..valid]).into_owned();
-        self.pending.drain(..valid);
-        out
-    }
-
-    /// Whatever is left, lossily.
-    pub fn finish(&mut self) -> String {
-        let out = String::from_utf8_lossy(&self.pending).into_owned();
-        self.pending.clear();
-        out
-    }
-}
-
 /// Generate after `prompt` (token ids, special tokens included), calling
 /// `on_text` with each newly completed piece of text; it may stop generation
 /// by returning `Break`.
@@ -109,7 +79,7 @@ pub fn generate(
     let capacity = (prompt.len() + opts.max_tokens).min(ctx);
     let mut cache = decoder.new_cache(capacity);
     let mut sampler = Sampler::new(opts.sampling);
-    let mut stream = Utf8Stream::default();
+    let mut stream = tokenizer.stream_decoder();
     let mut text = String::new();
     let mut tokens = Vec::new();
 
@@ -126,7 +96,7 @@ pub fn generate(
         if opts.stop_at_end && tokenizer.is_end_of_generation(id) {
             break StopReason::EndOfGeneration;
         }
-        let piece = stream.push(&tokenizer.token_bytes(id));
+        let piece = stream.push(tokenizer, id);
         text.push_str(&piece);
         if !piece.is_empty() && on_text(&piece).is_break() {
             break StopReason::Stopped;
@@ -149,22 +119,4 @@ pub fn generate(
         prompt_seconds,
         generate_seconds: t1.elapsed().as_secs_f64(),
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::Utf8Stream;
-
-    #[test]
-    fn split_characters_come_out_whole() {
-        let bytes = "é東🚀".as_bytes();
-        let mut s = Utf8Stream::default();
-        let mut out = String::new();
-        for b in bytes {
-            out.push_str(&s.push(&[*b]));
-        }
-        assert_eq!(out, "é東🚀");
-        assert_eq!(s.push(&[0xE6]), "");
-        assert_eq!(s.finish(), "\u{FFFD}");
-    }
 }

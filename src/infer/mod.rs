@@ -7,6 +7,6 @@ mod sample;
 mod score;
 
 pub use bench::{bench, BenchOptions, BenchResult};
-pub use generate::{generate, GenerateOptions, Generation, StopReason, Utf8Stream};
+pub use generate::{generate, GenerateOptions, Generation, StopReason};
 pub use sample::{argmax, Sampler, SamplingParams};
 pub use score::{perplexity, Score};

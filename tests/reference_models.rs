@@ -1,0 +1,130 @@
+//! The real models against reference outputs computed by an independent
+//! implementation (Hugging Face transformers, f32; see tests/reference/README.md):
+//! input ids, top-10 logits, greedy continuation, and perplexity.
+//!
+//! Each model is skipped with a message when its file is absent; `.ci/run`
+//! fetches both (`models/fetch all`), so CI runs everything.
+
+use edgetune::backend::cpu::{CpuDecoder, Logits};
+use edgetune::infer::{argmax, perplexity};
+use edgetune::model::Model;
+use edgetune::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
+use serde_json::Value;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn reference(name: &str) -> Value {
+    let p = root().join("tests/reference").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+fn open(file: &str) -> Option<Model> {
+    let p = root().join("models").join(file);
+    if !p.exists() {
+        eprintln!("skipping: {} is absent (run models/fetch all)", p.display());
+        return None;
+    }
+    Some(Model::open(&p).unwrap())
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// Prompt ids as the reference made them: chats rendered with the model's
+/// template (nothing added after), plain text with the default specials.
+fn encode_prompt(model: &Model, tok: &Tokenizer, p: &Value) -> Vec<u32> {
+    match p["chat"].as_array() {
+        Some(chat) => {
+            let msgs: Vec<ChatMessage> = serde_json::from_value(Value::Array(chat.clone())).unwrap();
+            let t = ChatTemplate::from_gguf(model.file()).unwrap().expect("model has a chat template");
+            let text = t.render(&msgs, true).unwrap();
+            assert_eq!(text, p["text"].as_str().unwrap(), "rendered chat differs");
+            tok.encode(&text, false).unwrap()
+        }
+        None => tok.encode(p["text"].as_str().unwrap(), true).unwrap(),
+    }
+}
+
+fn check_prompts(model: &Model, refs: &Value) {
+    let tok = Tokenizer::from_gguf(model.file()).unwrap();
+    let dec = CpuDecoder::new(model).unwrap();
+    for p in refs["prompts"].as_array().unwrap() {
+        let name = p["name"].as_str().unwrap();
+        let input = encode_prompt(model, &tok, p);
+        assert_eq!(input, ids(&p["input_ids"]), "{name}: input ids");
+
+        let mut cache = dec.new_cache(input.len() + 20);
+        let logits = dec.forward(&input, &mut cache, Logits::Last).unwrap();
+        let top = ids(&p["top10_ids"]);
+        let mut worst = 0.0f64;
+        for (id, want) in top.iter().zip(p["top10_logits"].as_array().unwrap()) {
+            let (got, want) = (logits[*id as usize] as f64, want.as_f64().unwrap());
+            worst = worst.max((got - want).abs());
+            assert!((got - want).abs() < 0.02, "{name}: logit of token {id}: {got} vs reference {want}");
+        }
+        let mean = logits.iter().map(|&v| v as f64).sum::<f64>() / logits.len() as f64;
+        assert!((mean - p["logits_mean"].as_f64().unwrap()).abs() < 0.01, "{name}: logits mean {mean}");
+        eprintln!("{name}: {} input ids equal, top-10 logits within {worst:.4}", input.len());
+
+        // Greedy with the KV cache, compared up to the first near-tie.
+        let stable = p["greedy_stable_len"].as_u64().unwrap() as usize;
+        let want = ids(&p["greedy_ids"]);
+        let mut got = vec![argmax(&logits)];
+        while got.len() < stable {
+            let l = dec.forward(&[*got.last().unwrap()], &mut cache, Logits::Last).unwrap();
+            got.push(argmax(&l));
+        }
+        assert_eq!(got[..stable], want[..stable], "{name}: greedy continuation");
+    }
+}
+
+fn check_perplexity(model: &Model, refs: &Value) {
+    let tok = Tokenizer::from_gguf(model.file()).unwrap();
+    let dec = CpuDecoder::new(model).unwrap();
+    for r in refs["perplexity"].as_array().unwrap() {
+        let file = root().join("tests/reference/texts").join(r["file"].as_str().unwrap());
+        let text = std::fs::read_to_string(file).unwrap();
+        let context = r["context"].as_u64().unwrap() as usize;
+        let s = perplexity(&dec, &tok, &text, context, &mut |_, _| ControlFlow::Continue(())).unwrap();
+        assert_eq!(s.text_tokens as u64, r["text_tokens"].as_u64().unwrap());
+        assert_eq!(s.predicted_tokens as u64, r["predicted_tokens"].as_u64().unwrap());
+        assert_eq!(s.bos_prefixed, r["bos_prefixed"].as_bool().unwrap());
+        let want = r["perplexity"].as_f64().unwrap();
+        let rel = (s.perplexity - want).abs() / want;
+        eprintln!("perplexity {:.4} vs reference {want:.4} ({:.3}%)", s.perplexity, rel * 100.0);
+        assert!(rel < 0.005, "perplexity {} vs reference {want}", s.perplexity);
+    }
+}
+
+#[test]
+fn smollm2_prompts_match_reference() {
+    if let Some(m) = open("SmolLM2-135M-Instruct.Q4_1.gguf") {
+        check_prompts(&m, &reference("SmolLM2-135M-Instruct.json"));
+    }
+}
+
+#[test]
+fn smollm2_perplexity_matches_reference() {
+    if let Some(m) = open("SmolLM2-135M-Instruct.Q4_1.gguf") {
+        check_perplexity(&m, &reference("SmolLM2-135M-Instruct.json"));
+    }
+}
+
+#[test]
+fn gemma3_prompts_match_reference() {
+    if let Some(m) = open("gemma-3-270m-Q4_K_M.gguf") {
+        check_prompts(&m, &reference("gemma-3-270m.json"));
+    }
+}
+
+#[test]
+fn gemma3_perplexity_matches_reference() {
+    if let Some(m) = open("gemma-3-270m-Q4_K_M.gguf") {
+        check_perplexity(&m, &reference("gemma-3-270m.json"));
+    }
+}

@@ -1,0 +1,270 @@
+//! Tiny llama and gemma3 models written with edgetune's own GGUF writer,
+//! run by the CPU backend and checked against a naive f64 forward pass
+//! written here from the formulas, and batched against incremental decoding.
+
+use edgetune::backend::cpu::{CpuDecoder, Logits};
+use edgetune::gguf::{GgufWriter, Value};
+use edgetune::model::Model;
+use edgetune::quant::{self, GgmlType};
+use std::path::Path;
+
+struct Cfg {
+    arch: &'static str,
+    n_embd: usize,
+    n_head: usize,
+    n_kv: usize,
+    head_dim: usize,
+    n_ff: usize,
+    n_vocab: usize,
+    n_layer: usize,
+    window: usize,
+    ty: GgmlType,
+}
+
+/// Deterministic pseudo-random values in [-scale, scale).
+fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+        })
+        .collect()
+}
+
+/// Write the model; return every tensor as the f32 values a reader decodes.
+fn write_model(c: &Cfg, path: &Path) -> std::collections::HashMap<String, Vec<f32>> {
+    let mut w = GgufWriter::new();
+    let a = c.arch;
+    w.add_metadata("general.architecture", Value::String(a.into()));
+    w.add_metadata(format!("{a}.embedding_length"), Value::U32(c.n_embd as u32));
+    w.add_metadata(format!("{a}.block_count"), Value::U32(c.n_layer as u32));
+    w.add_metadata(format!("{a}.attention.head_count"), Value::U32(c.n_head as u32));
+    w.add_metadata(format!("{a}.attention.head_count_kv"), Value::U32(c.n_kv as u32));
+    w.add_metadata(format!("{a}.feed_forward_length"), Value::U32(c.n_ff as u32));
+    w.add_metadata(format!("{a}.context_length"), Value::U32(64));
+    w.add_metadata(format!("{a}.rope.freq_base"), Value::F32(if a == "gemma3" { 1e6 } else { 1e4 }));
+    w.add_metadata(format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(1e-6));
+    if a == "gemma3" {
+        w.add_metadata("gemma3.attention.key_length", Value::U32(c.head_dim as u32));
+        w.add_metadata("gemma3.attention.sliding_window", Value::U32(c.window as u32));
+    }
+    let mut out = std::collections::HashMap::new();
+    let mut seed = 1;
+    let mut add = |w: &mut GgufWriter, name: String, dims: &[usize], ty: GgmlType, base: f32| {
+        seed += 1;
+        let n: usize = dims.iter().product();
+        let mut v = values(seed, n, 0.5);
+        if base != 0.0 {
+            v.iter_mut().for_each(|x| *x = base + 0.2 * *x);
+        }
+        let d64: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
+        w.add_f32_tensor(name.clone(), &d64, ty, &v).unwrap();
+        // What a reader sees: decode row by row.
+        let mut decoded = vec![0.0; n];
+        let rb = ty.row_bytes(dims[0]).unwrap();
+        let mut buf = vec![0u8; rb];
+        for (src, dst) in v.chunks(dims[0]).zip(decoded.chunks_mut(dims[0])) {
+            quant::quantize_row(ty, src, &mut buf).unwrap();
+            quant::dequantize_row(ty, &buf, dst).unwrap();
+        }
+        out.insert(name, decoded);
+    };
+    let (e, q, kv) = (c.n_embd, c.n_head * c.head_dim, c.n_kv * c.head_dim);
+    add(&mut w, "token_embd.weight".into(), &[e, c.n_vocab], c.ty, 0.0);
+    add(&mut w, "output_norm.weight".into(), &[e], GgmlType::F32, 1.0);
+    for i in 0..c.n_layer {
+        let n = |s: &str| format!("blk.{i}.{s}.weight");
+        add(&mut w, n("attn_norm"), &[e], GgmlType::F32, 1.0);
+        add(&mut w, n("attn_q"), &[e, q], c.ty, 0.0);
+        add(&mut w, n("attn_k"), &[e, kv], c.ty, 0.0);
+        add(&mut w, n("attn_v"), &[e, kv], c.ty, 0.0);
+        add(&mut w, n("attn_output"), &[q, e], c.ty, 0.0);
+        add(&mut w, n("ffn_norm"), &[e], GgmlType::F32, 1.0);
+        add(&mut w, n("ffn_gate"), &[e, c.n_ff], c.ty, 0.0);
+        add(&mut w, n("ffn_up"), &[e, c.n_ff], c.ty, 0.0);
+        add(&mut w, n("ffn_down"), &[c.n_ff, e], c.ty, 0.0);
+        if a == "gemma3" {
+            add(&mut w, n("attn_q_norm"), &[c.head_dim], GgmlType::F32, 1.0);
+            add(&mut w, n("attn_k_norm"), &[c.head_dim], GgmlType::F32, 1.0);
+            add(&mut w, n("post_attention_norm"), &[e], GgmlType::F32, 1.0);
+            add(&mut w, n("post_ffw_norm"), &[e], GgmlType::F32, 1.0);
+        }
+    }
+    w.write_file(path).unwrap();
+    out
+}
+
+fn rms(x: &[f64], w: &[f32]) -> Vec<f64> {
+    let ms = x.iter().map(|v| v * v).sum::<f64>() / x.len() as f64;
+    let inv = 1.0 / (ms + 1e-6).sqrt();
+    x.iter().zip(w).map(|(v, &g)| v * inv * g as f64).collect()
+}
+
+/// y = W x with W stored `[rows, cols]` row-major.
+fn lin(w: &[f32], x: &[f64]) -> Vec<f64> {
+    w.chunks(x.len()).map(|r| r.iter().zip(x).map(|(&a, b)| a as f64 * b).sum()).collect()
+}
+
+/// Naive forward of one whole sequence: logits at every position.
+fn naive(c: &Cfg, t: &std::collections::HashMap<String, Vec<f32>>, tokens: &[u32]) -> Vec<Vec<f64>> {
+    let gemma = c.arch == "gemma3";
+    let (e, d) = (c.n_embd, c.head_dim);
+    let emb = &t["token_embd.weight"];
+    let mut xs: Vec<Vec<f64>> = tokens
+        .iter()
+        .map(|&id| {
+            let s = if gemma { (e as f64).sqrt() } else { 1.0 };
+            emb[id as usize * e..(id as usize + 1) * e].iter().map(|&v| v as f64 * s).collect()
+        })
+        .collect();
+    for l in 0..c.n_layer {
+        let g = |s: &str| &t[&format!("blk.{l}.{s}.weight")];
+        let global = !gemma || l % 6 == 5;
+        let base: f64 = if gemma { if global { 1e6 } else { 1e4 } } else { 1e4 };
+        let rope = |v: &mut [f64], pos: usize| {
+            for h in v.chunks_mut(d) {
+                for i in 0..d / 2 {
+                    let ang = pos as f64 * base.powf(-2.0 * i as f64 / d as f64);
+                    let (a, b) = if gemma { (i, i + d / 2) } else { (2 * i, 2 * i + 1) };
+                    let (x0, x1) = (h[a], h[b]);
+                    h[a] = x0 * ang.cos() - x1 * ang.sin();
+                    h[b] = x0 * ang.sin() + x1 * ang.cos();
+                }
+            }
+        };
+        let mut qs = Vec::new();
+        let mut ks = Vec::new();
+        let mut vs = Vec::new();
+        for (pos, x) in xs.iter().enumerate() {
+            let h = rms(x, g("attn_norm"));
+            let mut q = lin(g("attn_q"), &h);
+            let mut k = lin(g("attn_k"), &h);
+            if gemma {
+                q = q.chunks(d).flat_map(|hq| rms(hq, g("attn_q_norm"))).collect();
+                k = k.chunks(d).flat_map(|hk| rms(hk, g("attn_k_norm"))).collect();
+            }
+            rope(&mut q, pos);
+            rope(&mut k, pos);
+            qs.push(q);
+            ks.push(k);
+            vs.push(lin(g("attn_v"), &h));
+        }
+        for (i, x) in xs.iter_mut().enumerate() {
+            let mut att = vec![0.0; c.n_head * d];
+            for hh in 0..c.n_head {
+                let kvh = hh / (c.n_head / c.n_kv);
+                let visible: Vec<usize> = (0..=i).filter(|&j| global || i - j < c.window).collect();
+                let sc: Vec<f64> = visible
+                    .iter()
+                    .map(|&j| {
+                        (0..d).map(|z| qs[i][hh * d + z] * ks[j][kvh * d + z]).sum::<f64>() / (d as f64).sqrt()
+                    })
+                    .collect();
+                let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let z: f64 = sc.iter().map(|s| (s - m).exp()).sum();
+                for (&j, s) in visible.iter().zip(&sc) {
+                    let p = (s - m).exp() / z;
+                    for zz in 0..d {
+                        att[hh * d + zz] += p * vs[j][kvh * d + zz];
+                    }
+                }
+            }
+            let mut o = lin(g("attn_output"), &att);
+            if gemma {
+                o = rms(&o, g("post_attention_norm"));
+            }
+            x.iter_mut().zip(&o).for_each(|(a, b)| *a += b);
+            let h = rms(x, g("ffn_norm"));
+            let gate = lin(g("ffn_gate"), &h);
+            let up = lin(g("ffn_up"), &h);
+            let act: Vec<f64> = gate
+                .iter()
+                .zip(&up)
+                .map(|(&a, &u)| {
+                    let f = if gemma {
+                        0.5 * a * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (a + 0.044715 * a * a * a)).tanh())
+                    } else {
+                        a / (1.0 + (-a).exp())
+                    };
+                    f * u
+                })
+                .collect();
+            let mut dn = lin(g("ffn_down"), &act);
+            if gemma {
+                dn = rms(&dn, g("post_ffw_norm"));
+            }
+            x.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
+        }
+    }
+    xs.iter().map(|x| lin(emb, &rms(x, &t["output_norm.weight"]))).collect()
+}
+
+fn check(c: Cfg) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    let tensors = write_model(&c, &path);
+    let model = Model::open(&path).unwrap();
+    let dec = CpuDecoder::new(&model).unwrap();
+    let tokens: Vec<u32> = (0..11).map(|i| (i * 7 + 3) % c.n_vocab as u32).collect();
+    let want = naive(&c, &tensors, &tokens);
+
+    // Batched: all positions in one pass (the GEMM path).
+    let mut cache = dec.new_cache(16);
+    let all = dec.forward(&tokens, &mut cache, Logits::All).unwrap();
+    // Incremental: one token at a time through the cache (the dot-product path).
+    let mut cache2 = dec.new_cache(16);
+    for (p, &tok) in tokens.iter().enumerate() {
+        let one = dec.forward(&[tok], &mut cache2, Logits::Last).unwrap();
+        for v in 0..c.n_vocab {
+            let (a, b, n) = (all[p * c.n_vocab + v] as f64, one[v] as f64, want[p][v]);
+            assert!((a - n).abs() < 2e-3 * (1.0 + n.abs()), "{} {:?} batched pos {p} vocab {v}: {a} vs naive {n}", c.arch, c.ty);
+            assert!((b - n).abs() < 2e-3 * (1.0 + n.abs()), "{} {:?} incremental pos {p} vocab {v}: {b} vs naive {n}", c.arch, c.ty);
+        }
+    }
+}
+
+#[test]
+fn tiny_llama_matches_naive_forward() {
+    for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_1] {
+        check(Cfg { arch: "llama", n_embd: 64, n_head: 4, n_kv: 2, head_dim: 16, n_ff: 96, n_vocab: 50, n_layer: 2, window: 0, ty });
+    }
+}
+
+#[test]
+fn tiny_gemma3_matches_naive_forward_with_sliding_window() {
+    // Six layers: five sliding (window 4 < 11 tokens) and one global.
+    for ty in [GgmlType::F32, GgmlType::Q8_0] {
+        check(Cfg { arch: "gemma3", n_embd: 64, n_head: 2, n_kv: 1, head_dim: 32, n_ff: 128, n_vocab: 40, n_layer: 6, window: 4, ty });
+    }
+}
+
+#[test]
+fn bad_token_and_full_context_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    let c = Cfg { arch: "llama", n_embd: 64, n_head: 4, n_kv: 2, head_dim: 16, n_ff: 96, n_vocab: 50, n_layer: 1, window: 0, ty: GgmlType::F32 };
+    write_model(&c, &path);
+    let model = Model::open(&path).unwrap();
+    let dec = CpuDecoder::new(&model).unwrap();
+    let mut cache = dec.new_cache(4);
+    let e = dec.forward(&[50], &mut cache, Logits::Last).unwrap_err();
+    assert!(e.to_string().contains("token id 50"), "{e}");
+    let e = dec.forward(&[1, 2, 3, 4, 5], &mut cache, Logits::Last).unwrap_err();
+    assert!(e.to_string().contains("do not fit"), "{e}");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.gguf");
+    let mut w = GgufWriter::new();
+    w.add_metadata("general.architecture", Value::String("llama".into()));
+    for (k, v) in [("embedding_length", 64), ("block_count", 1), ("attention.head_count", 4), ("feed_forward_length", 96)] {
+        w.add_metadata(format!("llama.{k}"), Value::U32(v));
+    }
+    w.add_f32_tensor("token_embd.weight", &[64, 10], GgmlType::F32, &vec![0.0; 640]).unwrap();
+    w.write_file(&path).unwrap();
+    let e = Model::open(&path).err().expect("a model without layers must not open");
+    assert!(e.to_string().contains("output_norm.weight"), "{e}");
+}
