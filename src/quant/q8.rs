@@ -1,0 +1,293 @@
+//! The integer matrix-vector path: an activation quantized to 8 bits in blocks
+//! of 32, and dot products of quantized rows with it in integer arithmetic.
+//!
+//! Per 32-value activation block `b` (scale `da`, quants `a`, `s = da·Σa`) and
+//! the row's matching weights:
+//! - Q8_0/Q4_0/Q5_0 (`w = dw·q`): `dw·da·Σ q·a`;
+//! - Q4_1/Q5_1 (`w = dw·q + m`): `dw·da·Σ q·a + m·s`;
+//! - Q4_K/Q5_K sub-block `j` (`w = d·sc·q − dmin·m`): `d·sc·da·Σ q·a − dmin·m·s`;
+//! - Q6_K, two 16-value halves with scales `sc0, sc1`: `d·da·(sc0·Σ₀ + sc1·Σ₁)`.
+//!
+//! Every `Σ` is exact in i32; the portable kernels here are the reference for the
+//! AVX2 ones in `q8_avx2.rs`.
+
+use super::GgmlType;
+use super::blocks::{
+    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, QK,
+    as_blocks, scales_mins_k4,
+};
+use super::kernels;
+#[cfg(target_arch = "x86_64")]
+use super::simd::Avx2;
+use super::simd::{Isa, Level, Portable};
+
+/// An activation vector quantized for [`dot_row_q8`](super::dot_row_q8): blocks of
+/// 32 signed 8-bit quants with an f32 scale, plus the original f32 values (for
+/// float rows).
+#[derive(Debug, Clone, Default)]
+pub struct QuantizedActivation {
+    pub(crate) len: usize,
+    /// Quants, zero-padded to whole blocks.
+    pub(crate) qs: Vec<[i8; QK]>,
+    /// Per-block scale `max|x|/127`.
+    pub(crate) d: Vec<f32>,
+    /// Per-block `d·Σqs`, for the offset term of Q4_1/Q5_1/Q4_K/Q5_K.
+    pub(crate) s: Vec<f32>,
+    /// The unquantized values.
+    pub(crate) x: Vec<f32>,
+}
+
+impl QuantizedActivation {
+    /// An empty activation (length 0); fill it with [`quantize`](Self::quantize).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of values (before padding).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether there are no values.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The unquantized values this was made from.
+    pub fn values(&self) -> &[f32] {
+        &self.x
+    }
+
+    /// Re-quantize from `x`, reusing the buffers.
+    pub fn quantize(&mut self, x: &[f32]) {
+        let nb = x.len().div_ceil(QK);
+        self.len = x.len();
+        self.qs.resize(nb, [0; QK]);
+        self.d.resize(nb, 0.0);
+        self.s.resize(nb, 0.0);
+        self.x.clear();
+        self.x.extend_from_slice(x);
+        match super::simd::level() {
+            Level::Portable => quantize_generic(Portable, self),
+            // SAFETY: the token proves the CPU has the enabled features.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2(t) => unsafe { quantize_avx2(t, self) },
+        }
+    }
+
+    /// The dequantized activation `d·q` (tests measure the rounding with it).
+    #[cfg(test)]
+    pub(crate) fn dequantized(&self) -> Vec<f32> {
+        let mut v: Vec<f32> = (self.qs.iter().zip(&self.d))
+            .flat_map(|(q, d)| q.iter().map(move |&q| q as f32 * d))
+            .collect();
+        v.truncate(self.len);
+        v
+    }
+}
+
+/// Round to the nearest integer (ties to even) for |v| < 2²²: adding 1.5·2²³
+/// leaves the rounded value in the low mantissa bits. Branch-free, so it
+/// vectorizes on every instruction set.
+#[inline(always)]
+fn nearest_i8(v: f32) -> i8 {
+    let t = v + 12_582_912.0;
+    ((t.to_bits() & 0x007f_ffff) as i32 - 0x0040_0000).clamp(-127, 127) as i8
+}
+
+#[inline(always)]
+fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, f32) {
+    let mut amax = [0f32; 8];
+    for c in x.chunks_exact(8) {
+        for l in 0..8 {
+            amax[l] = amax[l].max(c[l].abs());
+        }
+    }
+    let amax = amax.iter().fold(0f32, |m, &v| m.max(v));
+    let d = amax / 127.0;
+    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let mut sum = 0i32;
+    for l in 0..QK {
+        q[l] = nearest_i8(x[l] * id);
+        sum += q[l] as i32;
+    }
+    (d, d * sum as f32)
+}
+
+#[inline(always)]
+fn quantize_generic<I: Isa>(_isa: I, a: &mut QuantizedActivation) {
+    let full = a.len / QK;
+    for b in 0..full {
+        let x: &[f32; QK] = a.x[QK * b..QK * b + QK].try_into().expect("32 values");
+        (a.d[b], a.s[b]) = quantize_block(x, &mut a.qs[b]);
+    }
+    if full < a.qs.len() {
+        let mut x = [0f32; QK];
+        x[..a.len - QK * full].copy_from_slice(&a.x[QK * full..]);
+        (a.d[full], a.s[full]) = quantize_block(&x, &mut a.qs[full]);
+    }
+}
+
+/// The portable quantizer, whatever the CPU (tests compare the levels).
+#[cfg(test)]
+pub(crate) fn quantize_portable(a: &mut QuantizedActivation) {
+    quantize_generic(Portable, a)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quantize_avx2(isa: Avx2, a: &mut QuantizedActivation) {
+    quantize_generic(isa, a)
+}
+
+/// `Σ q[i]·a[i]` over one 32-value block.
+#[inline(always)]
+fn idot32(q: &[i8; QK], a: &[i8; QK]) -> i32 {
+    q.iter().zip(a).map(|(&q, &a)| q as i32 * a as i32).sum()
+}
+
+/// Low nibbles then high nibbles, as the legacy 4-bit blocks order them.
+#[inline(always)]
+fn unpack_nibbles(qs: &[u8; QK / 2]) -> [u8; QK] {
+    std::array::from_fn(|i| if i < 16 { qs[i] & 0xF } else { qs[i - 16] >> 4 })
+}
+
+/// 5-bit quants of Q5_0/Q5_1 (0..32).
+#[inline(always)]
+fn unpack_q5(qh: [u8; 4], qs: &[u8; QK / 2]) -> [u8; QK] {
+    let qh = u32::from_le_bytes(qh);
+    let lo = unpack_nibbles(qs);
+    std::array::from_fn(|i| lo[i] | ((((qh >> i) & 1) as u8) << 4))
+}
+
+#[inline(always)]
+fn offset(q: [u8; QK], o: i8) -> [i8; QK] {
+    q.map(|v| v as i8 - o)
+}
+
+#[inline(always)]
+fn dot_legacy<I: Isa, B: super::blocks::Block>(
+    isa: I,
+    src: &[u8],
+    a: &QuantizedActivation,
+    block: impl Fn(&B, &[i8; QK], f32, f32) -> f32,
+) -> f32 {
+    let _ = isa;
+    let mut sum = 0f32;
+    for (i, b) in as_blocks::<B>(src).iter().enumerate() {
+        sum += block(b, &a.qs[i], a.d[i], a.s[i]);
+    }
+    sum
+}
+
+#[inline(always)]
+fn dot_q4k_like<I: Isa, B: super::blocks::Block>(
+    isa: I,
+    src: &[u8],
+    a: &QuantizedActivation,
+    parts: impl Fn(&B) -> ([u8; 2], [u8; 2], [u8; 12], [[u8; QK]; 8]),
+) -> f32 {
+    let mut sum = 0f32;
+    for (i, b) in as_blocks::<B>(src).iter().enumerate() {
+        let (d, dmin, scales, q) = parts(b);
+        let (d, dmin) = (isa.f16(d), isa.f16(dmin));
+        let (sc, m) = scales_mins_k4(&scales);
+        let mut acc = 0f32;
+        let mut mins = 0f32;
+        for j in 0..8 {
+            let k = 8 * i + j;
+            let qi: [i8; QK] = q[j].map(|v| v as i8);
+            acc += (sc[j] as f32 * a.d[k]) * idot32(&qi, &a.qs[k]) as f32;
+            mins += m[j] as f32 * a.s[k];
+        }
+        sum += d * acc - dmin * mins;
+    }
+    sum
+}
+
+/// The eight 32-value sub-blocks of Q4_K quants.
+#[inline(always)]
+fn q4k_quants(qs: &[u8; 128]) -> [[u8; QK]; 8] {
+    std::array::from_fn(|j| std::array::from_fn(|l| (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0xF))
+}
+
+#[inline(always)]
+fn dot_q6k<I: Isa>(isa: I, src: &[u8], a: &QuantizedActivation) -> f32 {
+    let mut sum = 0f32;
+    for (i, b) in as_blocks::<BlockQ6K>(src).iter().enumerate() {
+        let mut acc = 0f32;
+        for h in 0..2 {
+            let ql = &b.ql[64 * h..64 * h + 64];
+            let qh = &b.qh[32 * h..32 * h + 32];
+            for g in 0..4 {
+                // Group g: weights 128h + 32g + l, from ql[32·(g%2)+l] nibble g/2
+                // and qh[l] bits 2g..2g+2.
+                let q: [i8; QK] = std::array::from_fn(|l| {
+                    let lo = (ql[32 * (g % 2) + l] >> (4 * (g / 2))) & 0xF;
+                    let hi = (qh[l] >> (2 * g)) & 3;
+                    (lo | (hi << 4)) as i8 - 32
+                });
+                let k = 8 * i + 4 * h + g;
+                let aq = &a.qs[k];
+                let s0: i32 = (0..16).map(|l| q[l] as i32 * aq[l] as i32).sum();
+                let s1: i32 = (16..32).map(|l| q[l] as i32 * aq[l] as i32).sum();
+                let sc = &b.scales[8 * h + 2 * g..];
+                acc += a.d[k] * (sc[0] as i32 * s0 + sc[1] as i32 * s1) as f32;
+            }
+        }
+        sum += isa.f16(b.d) * acc;
+    }
+    sum
+}
+
+#[inline(always)]
+pub(crate) fn dot_generic<I: Isa>(isa: I, ty: GgmlType, src: &[u8], a: &QuantizedActivation) -> f32 {
+    use GgmlType as T;
+    match ty {
+        T::F32 | T::F16 | T::BF16 => unreachable!("float rows are dispatched to the f32 kernels"),
+        T::Q4_0 => dot_legacy(isa, src, a, |b: &BlockQ4_0, aq, da, _| {
+            isa.f16(b.d) * da * idot32(&offset(unpack_nibbles(&b.qs), 8), aq) as f32
+        }),
+        T::Q4_1 => dot_legacy(isa, src, a, |b: &BlockQ4_1, aq, da, s| {
+            let q = offset(unpack_nibbles(&b.qs), 0);
+            isa.f16(b.d) * da * idot32(&q, aq) as f32 + isa.f16(b.m) * s
+        }),
+        T::Q5_0 => dot_legacy(isa, src, a, |b: &BlockQ5_0, aq, da, _| {
+            isa.f16(b.d) * da * idot32(&offset(unpack_q5(b.qh, &b.qs), 16), aq) as f32
+        }),
+        T::Q5_1 => dot_legacy(isa, src, a, |b: &BlockQ5_1, aq, da, s| {
+            let q = offset(unpack_q5(b.qh, &b.qs), 0);
+            isa.f16(b.d) * da * idot32(&q, aq) as f32 + isa.f16(b.m) * s
+        }),
+        T::Q8_0 => dot_legacy(isa, src, a, |b: &BlockQ8_0, aq, da, _| {
+            isa.f16(b.d) * da * idot32(&b.qs, aq) as f32
+        }),
+        T::Q4_K => dot_q4k_like(isa, src, a, |b: &BlockQ4K| {
+            (b.d, b.dmin, b.scales, q4k_quants(&b.qs))
+        }),
+        T::Q5_K => dot_q4k_like(isa, src, a, |b: &BlockQ5K| {
+            let mut q = q4k_quants(&b.qs);
+            for (j, qj) in q.iter_mut().enumerate() {
+                for (l, v) in qj.iter_mut().enumerate() {
+                    *v |= ((b.qh[l] >> j) & 1) << 4;
+                }
+            }
+            (b.d, b.dmin, b.scales, q)
+        }),
+        T::Q6_K => dot_q6k(isa, src, a),
+    }
+}
+
+/// `Σ row·x` through the quantized activation with `level`'s kernels (lengths
+/// already checked).
+pub(crate) fn dot(level: Level, ty: GgmlType, src: &[u8], a: &QuantizedActivation) -> f32 {
+    if matches!(ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+        return kernels::dot(level, ty, src, &a.x);
+    }
+    match level {
+        Level::Portable => dot_generic(Portable, ty, src, a),
+        // SAFETY: the token proves the CPU has the enabled features.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2(t) => unsafe { super::q8_avx2::dot(t, ty, src, a) },
+    }
+}
