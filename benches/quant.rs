@@ -38,17 +38,25 @@ fn data(n: usize, seed: u64) -> Vec<f32> {
         s ^= s << 17;
         (s >> 40) as f32 / (1u64 << 24) as f32
     };
-    (0..n).map(|_| (u() + u() + u() + u() - 2.0) * 0.05).collect()
+    (0..n)
+        .map(|_| (u() + u() + u() + u() - 2.0) * 0.05)
+        .collect()
 }
 
 fn main() {
     let budget = Duration::from_millis(300);
-    println!("quant kernels, {ROWS}×{COLS}, one thread, {}", cpu_features());
+    println!(
+        "quant kernels, {ROWS}×{COLS}, one thread, {}",
+        cpu_features()
+    );
     println!(
         "{:<5} {:>9} | {:>17} | {:>17} | {:>17}",
         "type", "MB", "dequantize_row", "dot_row (f32)", "matvec_q8"
     );
-    println!("{:<5} {:>9} | {:>8} {:>8} | {:>8} {:>8} | {:>8} {:>8}", "", "", "Gelem/s", "GB/s", "Gelem/s", "GB/s", "Gelem/s", "GB/s");
+    println!(
+        "{:<5} {:>9} | {:>8} {:>8} | {:>8} {:>8} | {:>8} {:>8}",
+        "", "", "Gelem/s", "GB/s", "Gelem/s", "GB/s", "Gelem/s", "GB/s"
+    );
     let w = data(ROWS * COLS, 0x9e37_79b9);
     let x = data(COLS, 0x1234_5678);
     let elems = (ROWS * COLS) as f64;

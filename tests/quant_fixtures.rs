@@ -97,7 +97,12 @@ fn dequantize_row_is_bit_identical_to_gguf() {
             let mut got = vec![f32::NAN; f.n];
             dequantize_row(f.ty, src, &mut got).unwrap();
             for (i, (g, w)) in got.iter().zip(want).enumerate() {
-                assert_eq!(g.to_bits(), w.to_bits(), "{} row {r} [{i}]: {g} vs {w}", f.ty);
+                assert_eq!(
+                    g.to_bits(),
+                    w.to_bits(),
+                    "{} row {r} [{i}]: {g} vs {w}",
+                    f.ty
+                );
             }
         }
     }
@@ -137,7 +142,11 @@ fn dot_row_q8_is_within_activation_rounding() {
                     amax / 254.0 * wc.iter().map(|v| v.abs() as f64).sum::<f64>()
                 })
                 .sum();
-            let tol = if f.ty.block_size() == 1 { 0.0 } else { bound * 1.001 };
+            let tol = if f.ty.block_size() == 1 {
+                0.0
+            } else {
+                bound * 1.001
+            };
             let tol = tol + 1e-5 * f.dot_abs[r] + 1e-30;
             let got = dot_row_q8(f.ty, src, &a) as f64;
             assert!(

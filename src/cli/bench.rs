@@ -33,6 +33,7 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
     let model = Model::open(a.model.path()?)?;
     let decoder = CpuDecoder::new(&model)?;
     let load_s = t.elapsed().as_secs_f64();
+    let load_rss = peak_rss_mb();
     let opts = BenchOptions { prompt_tokens: a.prompt_tokens, gen_tokens: a.gen_tokens, repetitions: a.repetitions };
     let pb = progress_bar(2 * a.repetitions, "benchmarking");
     let r = bench(&decoder, opts, &mut |done, _| {
@@ -40,13 +41,29 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
         ControlFlow::Continue(())
     })?;
     pb.finish_and_clear();
+    let peak_rss = peak_rss_mb();
     if a.json {
-        return print_json(&r);
+        return print_json(&serde_json::json!({
+            "result": r,
+            "load_seconds": load_s,
+            "peak_rss_mb_after_load": load_rss,
+            "peak_rss_mb": peak_rss,
+        }));
     }
     println!("model       {} ({})", model.file().path().display(), model.spec().arch);
     println!("device      cpu, {} threads", r.threads);
-    println!("load        {:.3} s (memory-mapped)", load_s);
+    let mb = |v: Option<f64>| v.map_or("?".into(), |v| format!("{v:.0} MB"));
+    println!("load        {:.3} s (memory-mapped), peak RSS {}", load_s, mb(load_rss));
     println!("prompt      {:.1} tokens/s  (pp{})", r.prompt_tokens_per_s, r.prompt_tokens);
     println!("generation  {:.1} tokens/s  (tg{})", r.gen_tokens_per_s, r.gen_tokens);
+    println!("peak RSS    {}", mb(peak_rss));
     Ok(())
+}
+
+/// The process's peak resident set size in MB (Linux `VmHWM`; `None` elsewhere).
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }

@@ -52,15 +52,7 @@ pub fn run(a: GenerateArgs) -> Result<(), Error> {
     let model = Model::open(a.model.path()?)?;
     let tokenizer = Tokenizer::from_gguf(model.file())?;
     let prompt = if a.chat || a.chat_template.is_some() {
-        let template = match &a.chat_template {
-            Some(path) => ChatTemplate::from_file(path)?,
-            None => ChatTemplate::from_gguf(model.file())?.ok_or_else(|| {
-                Error::Template(format!(
-                    "{} has no chat template (tokenizer.chat_template): pass one with --chat-template FILE",
-                    model.file().path().display()
-                ))
-            })?,
-        };
+        let template = ChatTemplate::for_model(model.file(), &tokenizer, a.chat_template.as_deref())?;
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
             messages.push(ChatMessage { role: "system".into(), content: s.clone() });

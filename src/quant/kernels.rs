@@ -1,85 +1,179 @@
 //! Row drivers for exact dequantization and f32 dot products, instantiated per
 //! [`Level`]. Lengths are validated by the caller (`mod.rs`).
 //!
-//! Dot products decode one block into a stack array and fold it into 16
-//! accumulator lanes ([`fma_block`]); the row is never materialized.
+//! Dot products decode one block into a stack array and fold it, 32 values at
+//! a time, into the level's partial sums ([`Isa::fma32`]); the row is never
+//! materialized.
+//!
+//! The drivers take their decoders as trait implementations, not closures: a
+//! closure is a function of its own without the wrapper's target features, so
+//! the intrinsics inside it would not be inlined.
 
 use super::GgmlType;
-use super::blocks::{Block, QK, QK_K, as_blocks};
-use super::kquants::{decode_q4_k, decode_q5_k, decode_q6_k};
-use super::legacy::{
-    decode_bf16, decode_bf16x32, decode_f16x32, decode_f32, decode_f32x32, decode_q4_0,
-    decode_q4_1, decode_q5_0, decode_q5_1, decode_q8_0,
+use super::blocks::{
+    Block, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, QK,
+    QK_K, as_blocks,
 };
+use super::kquants::{decode_q4_k, decode_q5_k, decode_q6_k};
+use super::legacy::{decode_bf16, decode_bf16x32, decode_f16x32, decode_f32, decode_f32x32};
 #[cfg(target_arch = "x86_64")]
 use super::simd::Avx2;
-use super::simd::{Isa, Level, Portable, fma_block, reduce};
+use super::simd::{Isa, Level, Portable};
 
-#[inline(always)]
-fn dequant_blocks<B: Block, const N: usize>(
-    src: &[u8],
-    dst: &mut [f32],
-    decode: impl Fn(&B, &mut [f32; N]),
-) {
-    for (b, y) in as_blocks::<B>(src).iter().zip(dst.chunks_exact_mut(N)) {
-        decode(b, y.try_into().expect("chunk of N"));
-    }
-}
-
-#[inline(always)]
-fn dot_blocks<I: Isa, B: Block, const N: usize>(
-    isa: I,
-    src: &[u8],
-    x: &[f32],
-    decode: impl Fn(&B, &mut [f32; N]),
-) -> f32 {
-    let mut acc = [0f32; 16];
-    for (b, xc) in as_blocks::<B>(src).iter().zip(x.chunks_exact(N)) {
+/// A block that decodes to `N` values.
+trait Decode<const N: usize>: Block {
+    /// The block's values.
+    fn decode<I: Isa>(isa: I, b: &Self, y: &mut [f32; N]);
+    /// Adds `Σ w·x` over the block's values `w` to `acc`.
+    #[inline(always)]
+    fn accumulate<I: Isa>(isa: I, acc: &mut I::Acc, b: &Self, x: &[f32]) {
         let mut w = [0f32; N];
-        decode(b, &mut w);
-        fma_block(isa, &mut acc, &w, xc);
+        Self::decode(isa, b, &mut w);
+        for (wc, xc) in w.chunks_exact(QK).zip(x.chunks_exact(QK)) {
+            isa.fma32(acc, wc.try_into().expect("32"), xc.try_into().expect("32"));
+        }
     }
-    reduce(&acc)
 }
 
-/// A float row (element size `S` bytes): runs of 32 through `decode32`, the tail
-/// value by value.
+macro_rules! decode_legacy {
+    ($($b:ty, $decode:ident, $dot:ident;)*) => {$(
+        impl Decode<QK> for $b {
+            #[inline(always)]
+            fn decode<I: Isa>(isa: I, b: &Self, y: &mut [f32; QK]) {
+                isa.$decode(b, y)
+            }
+            #[inline(always)]
+            fn accumulate<I: Isa>(isa: I, acc: &mut I::Acc, b: &Self, x: &[f32]) {
+                isa.$dot(acc, b, x.try_into().expect("32"))
+            }
+        }
+    )*};
+}
+
+decode_legacy! {
+    BlockQ4_0, decode_q4_0, dot_q4_0;
+    BlockQ4_1, decode_q4_1, dot_q4_1;
+    BlockQ5_0, decode_q5_0, dot_q5_0;
+    BlockQ5_1, decode_q5_1, dot_q5_1;
+    BlockQ8_0, decode_q8_0, dot_q8_0;
+}
+
+macro_rules! decode_k {
+    ($($b:ty, $decode:ident;)*) => {$(
+        impl Decode<QK_K> for $b {
+            #[inline(always)]
+            fn decode<I: Isa>(isa: I, b: &Self, y: &mut [f32; QK_K]) {
+                $decode(isa, b, y)
+            }
+        }
+    )*};
+}
+
+decode_k! {
+    BlockQ4K, decode_q4_k;
+    BlockQ5K, decode_q5_k;
+    BlockQ6K, decode_q6_k;
+}
+
+/// An element format of `SIZE` bytes per value.
+trait Float {
+    const SIZE: usize;
+    /// 32 values from `32·SIZE` bytes.
+    fn decode32<I: Isa>(isa: I, b: &[u8], y: &mut [f32; QK]);
+    /// One value from `SIZE` bytes.
+    fn decode1<I: Isa>(isa: I, c: &[u8]) -> f32;
+}
+
+struct F32;
+struct F16;
+struct Bf16;
+
+impl Float for F32 {
+    const SIZE: usize = 4;
+    #[inline(always)]
+    fn decode32<I: Isa>(_: I, b: &[u8], y: &mut [f32; QK]) {
+        decode_f32x32(arr(b), y)
+    }
+    #[inline(always)]
+    fn decode1<I: Isa>(_: I, c: &[u8]) -> f32 {
+        decode_f32(c)
+    }
+}
+
+impl Float for F16 {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    fn decode32<I: Isa>(isa: I, b: &[u8], y: &mut [f32; QK]) {
+        decode_f16x32(isa, arr(b), y)
+    }
+    #[inline(always)]
+    fn decode1<I: Isa>(isa: I, c: &[u8]) -> f32 {
+        isa.f16([c[0], c[1]])
+    }
+}
+
+impl Float for Bf16 {
+    const SIZE: usize = 2;
+    #[inline(always)]
+    fn decode32<I: Isa>(_: I, b: &[u8], y: &mut [f32; QK]) {
+        decode_bf16x32(arr(b), y)
+    }
+    #[inline(always)]
+    fn decode1<I: Isa>(_: I, c: &[u8]) -> f32 {
+        decode_bf16(c)
+    }
+}
+
 #[inline(always)]
-fn dequant_float<const S: usize>(
-    src: &[u8],
-    dst: &mut [f32],
-    decode32: impl Fn(&[u8], &mut [f32; QK]),
-    decode1: impl Fn(&[u8]) -> f32,
-) {
+fn dequant_blocks<I: Isa, B: Decode<N>, const N: usize>(isa: I, src: &[u8], dst: &mut [f32]) {
+    for (b, y) in as_blocks::<B>(src).iter().zip(dst.chunks_exact_mut(N)) {
+        B::decode(isa, b, y.try_into().expect("chunk of N"));
+    }
+}
+
+#[inline(always)]
+fn dot_blocks<I: Isa, B: Decode<N>, const N: usize>(isa: I, src: &[u8], x: &[f32]) -> f32 {
+    let mut acc = isa.acc_zero();
+    for (b, xc) in as_blocks::<B>(src).iter().zip(x.chunks_exact(N)) {
+        B::accumulate(isa, &mut acc, b, xc);
+    }
+    isa.acc_sum(acc)
+}
+
+/// A float row: runs of 32, then the tail value by value.
+#[inline(always)]
+fn dequant_float<I: Isa, F: Float>(isa: I, src: &[u8], dst: &mut [f32]) {
     let mut ys = dst.chunks_exact_mut(QK);
-    let mut bs = src.chunks_exact(QK * S);
+    let mut bs = src.chunks_exact(QK * F::SIZE);
     for (y, b) in (&mut ys).zip(&mut bs) {
-        decode32(b, y.try_into().expect("chunk of 32"));
+        F::decode32(isa, b, y.try_into().expect("chunk of 32"));
     }
-    for (y, c) in ys.into_remainder().iter_mut().zip(bs.remainder().chunks_exact(S)) {
-        *y = decode1(c);
+    for (y, c) in ys
+        .into_remainder()
+        .iter_mut()
+        .zip(bs.remainder().chunks_exact(F::SIZE))
+    {
+        *y = F::decode1(isa, c);
     }
 }
 
 #[inline(always)]
-fn dot_float<I: Isa, const S: usize>(
-    isa: I,
-    src: &[u8],
-    x: &[f32],
-    decode32: impl Fn(&[u8], &mut [f32; QK]),
-    decode1: impl Fn(&[u8]) -> f32,
-) -> f32 {
-    let mut acc = [0f32; 16];
+fn dot_float<I: Isa, F: Float>(isa: I, src: &[u8], x: &[f32]) -> f32 {
+    let mut acc = isa.acc_zero();
     let mut xs = x.chunks_exact(QK);
-    let mut bs = src.chunks_exact(QK * S);
+    let mut bs = src.chunks_exact(QK * F::SIZE);
     for (xc, b) in (&mut xs).zip(&mut bs) {
         let mut w = [0f32; QK];
-        decode32(b, &mut w);
-        fma_block(isa, &mut acc, &w, xc);
+        F::decode32(isa, b, &mut w);
+        isa.fma32(&mut acc, &w, xc.try_into().expect("32"));
     }
-    let mut sum = reduce(&acc);
-    for (xv, c) in xs.remainder().iter().zip(bs.remainder().chunks_exact(S)) {
-        sum = isa.mul_add(decode1(c), *xv, sum);
+    let mut sum = isa.acc_sum(acc);
+    for (xv, c) in xs
+        .remainder()
+        .iter()
+        .zip(bs.remainder().chunks_exact(F::SIZE))
+    {
+        sum = isa.mul_add(F::decode1(isa, c), *xv, sum);
     }
     sum
 }
@@ -88,22 +182,17 @@ fn dot_float<I: Isa, const S: usize>(
 fn dequantize_generic<I: Isa>(isa: I, ty: GgmlType, src: &[u8], dst: &mut [f32]) {
     use GgmlType as T;
     match ty {
-        T::F32 => dequant_float::<4>(src, dst, |b, y| decode_f32x32(arr(b), y), decode_f32),
-        T::F16 => dequant_float::<2>(
-            src,
-            dst,
-            |b, y| decode_f16x32(isa, arr(b), y),
-            |c| isa.f16([c[0], c[1]]),
-        ),
-        T::BF16 => dequant_float::<2>(src, dst, |b, y| decode_bf16x32(arr(b), y), decode_bf16),
-        T::Q4_0 => dequant_blocks(src, dst, |b, y| decode_q4_0(isa, b, y)),
-        T::Q4_1 => dequant_blocks(src, dst, |b, y| decode_q4_1(isa, b, y)),
-        T::Q5_0 => dequant_blocks(src, dst, |b, y| decode_q5_0(isa, b, y)),
-        T::Q5_1 => dequant_blocks(src, dst, |b, y| decode_q5_1(isa, b, y)),
-        T::Q8_0 => dequant_blocks(src, dst, |b, y| decode_q8_0(isa, b, y)),
-        T::Q4_K => dequant_blocks(src, dst, |b, y| decode_q4_k(isa, b, y)),
-        T::Q5_K => dequant_blocks(src, dst, |b, y| decode_q5_k(isa, b, y)),
-        T::Q6_K => dequant_blocks(src, dst, |b, y| decode_q6_k(isa, b, y)),
+        T::F32 => dequant_float::<I, F32>(isa, src, dst),
+        T::F16 => dequant_float::<I, F16>(isa, src, dst),
+        T::BF16 => dequant_float::<I, Bf16>(isa, src, dst),
+        T::Q4_0 => dequant_blocks::<I, BlockQ4_0, QK>(isa, src, dst),
+        T::Q4_1 => dequant_blocks::<I, BlockQ4_1, QK>(isa, src, dst),
+        T::Q5_0 => dequant_blocks::<I, BlockQ5_0, QK>(isa, src, dst),
+        T::Q5_1 => dequant_blocks::<I, BlockQ5_1, QK>(isa, src, dst),
+        T::Q8_0 => dequant_blocks::<I, BlockQ8_0, QK>(isa, src, dst),
+        T::Q4_K => dequant_blocks::<I, BlockQ4K, QK_K>(isa, src, dst),
+        T::Q5_K => dequant_blocks::<I, BlockQ5K, QK_K>(isa, src, dst),
+        T::Q6_K => dequant_blocks::<I, BlockQ6K, QK_K>(isa, src, dst),
     }
 }
 
@@ -111,23 +200,17 @@ fn dequantize_generic<I: Isa>(isa: I, ty: GgmlType, src: &[u8], dst: &mut [f32])
 fn dot_generic<I: Isa>(isa: I, ty: GgmlType, src: &[u8], x: &[f32]) -> f32 {
     use GgmlType as T;
     match ty {
-        T::F32 => dot_float::<I, 4>(isa, src, x, |b, y| decode_f32x32(arr(b), y), decode_f32),
-        T::F16 => dot_float::<I, 2>(
-            isa,
-            src,
-            x,
-            |b, y| decode_f16x32(isa, arr(b), y),
-            |c| isa.f16([c[0], c[1]]),
-        ),
-        T::BF16 => dot_float::<I, 2>(isa, src, x, |b, y| decode_bf16x32(arr(b), y), decode_bf16),
-        T::Q4_0 => dot_blocks::<I, _, QK>(isa, src, x, |b, y| decode_q4_0(isa, b, y)),
-        T::Q4_1 => dot_blocks::<I, _, QK>(isa, src, x, |b, y| decode_q4_1(isa, b, y)),
-        T::Q5_0 => dot_blocks::<I, _, QK>(isa, src, x, |b, y| decode_q5_0(isa, b, y)),
-        T::Q5_1 => dot_blocks::<I, _, QK>(isa, src, x, |b, y| decode_q5_1(isa, b, y)),
-        T::Q8_0 => dot_blocks::<I, _, QK>(isa, src, x, |b, y| decode_q8_0(isa, b, y)),
-        T::Q4_K => dot_blocks::<I, _, QK_K>(isa, src, x, |b, y| decode_q4_k(isa, b, y)),
-        T::Q5_K => dot_blocks::<I, _, QK_K>(isa, src, x, |b, y| decode_q5_k(isa, b, y)),
-        T::Q6_K => dot_blocks::<I, _, QK_K>(isa, src, x, |b, y| decode_q6_k(isa, b, y)),
+        T::F32 => dot_float::<I, F32>(isa, src, x),
+        T::F16 => dot_float::<I, F16>(isa, src, x),
+        T::BF16 => dot_float::<I, Bf16>(isa, src, x),
+        T::Q4_0 => dot_blocks::<I, BlockQ4_0, QK>(isa, src, x),
+        T::Q4_1 => dot_blocks::<I, BlockQ4_1, QK>(isa, src, x),
+        T::Q5_0 => dot_blocks::<I, BlockQ5_0, QK>(isa, src, x),
+        T::Q5_1 => dot_blocks::<I, BlockQ5_1, QK>(isa, src, x),
+        T::Q8_0 => dot_blocks::<I, BlockQ8_0, QK>(isa, src, x),
+        T::Q4_K => dot_blocks::<I, BlockQ4K, QK_K>(isa, src, x),
+        T::Q5_K => dot_blocks::<I, BlockQ5K, QK_K>(isa, src, x),
+        T::Q6_K => dot_blocks::<I, BlockQ6K, QK_K>(isa, src, x),
     }
 }
 

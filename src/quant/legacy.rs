@@ -47,8 +47,8 @@ fn q5_quants(qh: [u8; 4], qs: &[u8; QK / 2]) -> [u8; QK] {
 pub(crate) fn decode_q5_0<I: Isa>(isa: I, b: &BlockQ5_0, y: &mut [f32; QK]) {
     let d = isa.f16(b.d);
     let q = q5_quants(b.qh, &b.qs);
-    for j in 0..QK {
-        y[j] = (q[j] as i32 - 16) as f32 * d;
+    for (v, &q) in y.iter_mut().zip(&q) {
+        *v = (q as i32 - 16) as f32 * d;
     }
 }
 
@@ -58,8 +58,8 @@ pub(crate) fn decode_q5_1<I: Isa>(isa: I, b: &BlockQ5_1, y: &mut [f32; QK]) {
     let d = isa.f16(b.d);
     let m = isa.f16(b.m);
     let q = q5_quants(b.qh, &b.qs);
-    for j in 0..QK {
-        y[j] = q[j] as f32 * d + m;
+    for (v, &q) in y.iter_mut().zip(&q) {
+        *v = q as f32 * d + m;
     }
 }
 
@@ -67,8 +67,8 @@ pub(crate) fn decode_q5_1<I: Isa>(isa: I, b: &BlockQ5_1, y: &mut [f32; QK]) {
 #[inline(always)]
 pub(crate) fn decode_q8_0<I: Isa>(isa: I, b: &BlockQ8_0, y: &mut [f32; QK]) {
     let d = isa.f16(b.d);
-    for j in 0..QK {
-        y[j] = b.qs[j] as f32 * d;
+    for (v, &q) in y.iter_mut().zip(&b.qs) {
+        *v = q as f32 * d;
     }
 }
 
@@ -83,9 +83,7 @@ pub(crate) fn decode_f32x32(b: &[u8; 128], y: &mut [f32; QK]) {
 /// 32 little-endian f16 (64 bytes).
 #[inline(always)]
 pub(crate) fn decode_f16x32<I: Isa>(isa: I, b: &[u8; 64], y: &mut [f32; QK]) {
-    for (yc, bc) in y.chunks_exact_mut(8).zip(b.chunks_exact(16)) {
-        yc.copy_from_slice(&isa.f16x8(bc.try_into().expect("16-byte chunk")));
-    }
+    isa.f16x32(b, y)
 }
 
 /// 32 little-endian bf16 (64 bytes): the f32 with the same top 16 bits.

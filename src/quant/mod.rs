@@ -16,6 +16,8 @@
 //! All kernels are chosen at run time for the CPU (AVX2+FMA+F16C on x86-64,
 //! portable Rust elsewhere); [`cpu_features`] names the choice.
 
+#[cfg(target_arch = "x86_64")]
+mod avx2;
 pub mod blocks;
 mod kernels;
 mod kquants;
@@ -128,7 +130,7 @@ impl GgmlType {
     /// Bytes of a row of `n` elements, or `None` when `n` is not a multiple of the block size
     /// (or the byte count overflows).
     pub fn row_bytes(self, n: usize) -> Option<usize> {
-        if n % self.block_size() != 0 {
+        if !n.is_multiple_of(self.block_size()) {
             return None;
         }
         (n / self.block_size()).checked_mul(self.type_size())

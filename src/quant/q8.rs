@@ -98,13 +98,17 @@ fn nearest_i8(v: f32) -> i8 {
 #[inline(always)]
 fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, f32) {
     let mut amax = [0f32; 8];
+    // 0·x is NaN for a NaN or infinite x: it poisons the scale, so NaN reaches
+    // the dot products as it would in f32 instead of quantizing to 0.
+    let mut poison = [0f32; 8];
     for c in x.chunks_exact(8) {
         for l in 0..8 {
             amax[l] = amax[l].max(c[l].abs());
+            poison[l] += c[l] * 0.0;
         }
     }
     let amax = amax.iter().fold(0f32, |m, &v| m.max(v));
-    let d = amax / 127.0;
+    let d = amax / 127.0 + poison.iter().sum::<f32>();
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
     let mut sum = 0i32;
     for l in 0..QK {
@@ -143,26 +147,57 @@ fn quantize_avx2(isa: Avx2, a: &mut QuantizedActivation) {
 /// `Σ q[i]·a[i]` over one 32-value block.
 #[inline(always)]
 fn idot32(q: &[i8; QK], a: &[i8; QK]) -> i32 {
-    q.iter().zip(a).map(|(&q, &a)| q as i32 * a as i32).sum()
+    let mut s = 0i32;
+    for l in 0..QK {
+        s += q[l] as i32 * a[l] as i32;
+    }
+    s
+}
+
+/// `Σ (q[i] − o)·a[i]` for unsigned quants `q` (less than 128).
+#[inline(always)]
+fn idot32_u8(q: &[u8; QK], o: i32, a: &[i8; QK]) -> i32 {
+    let mut s = 0i32;
+    for l in 0..QK {
+        s += (q[l] as i32 - o) * a[l] as i32;
+    }
+    s
 }
 
 /// Low nibbles then high nibbles, as the legacy 4-bit blocks order them.
 #[inline(always)]
 fn unpack_nibbles(qs: &[u8; QK / 2]) -> [u8; QK] {
-    std::array::from_fn(|i| if i < 16 { qs[i] & 0xF } else { qs[i - 16] >> 4 })
+    let mut q = [0u8; QK];
+    for j in 0..QK / 2 {
+        q[j] = qs[j] & 0xF;
+        q[j + QK / 2] = qs[j] >> 4;
+    }
+    q
 }
 
-/// 5-bit quants of Q5_0/Q5_1 (0..32).
+/// `1 << (j % 8)` for byte lane `j`.
+const LANE_BIT: [u8; QK] = {
+    let mut b = [0u8; QK];
+    let mut j = 0;
+    while j < QK {
+        b[j] = 1 << (j % 8);
+        j += 1;
+    }
+    b
+};
+
+/// 5-bit quants of Q5_0/Q5_1 (0..32): bit `j` of the u32 `qh` is bit 4 of `q[j]`.
 #[inline(always)]
 fn unpack_q5(qh: [u8; 4], qs: &[u8; QK / 2]) -> [u8; QK] {
-    let qh = u32::from_le_bytes(qh);
-    let lo = unpack_nibbles(qs);
-    std::array::from_fn(|i| lo[i] | ((((qh >> i) & 1) as u8) << 4))
-}
-
-#[inline(always)]
-fn offset(q: [u8; QK], o: i8) -> [i8; QK] {
-    q.map(|v| v as i8 - o)
+    let mut q = unpack_nibbles(qs);
+    for j in 0..QK {
+        q[j] |= if qh[j / 8] & LANE_BIT[j] != 0 {
+            0x10
+        } else {
+            0
+        };
+    }
+    q
 }
 
 #[inline(always)]
@@ -196,8 +231,7 @@ fn dot_q4k_like<I: Isa, B: super::blocks::Block>(
         let mut mins = 0f32;
         for j in 0..8 {
             let k = 8 * i + j;
-            let qi: [i8; QK] = q[j].map(|v| v as i8);
-            acc += (sc[j] as f32 * a.d[k]) * idot32(&qi, &a.qs[k]) as f32;
+            acc += (sc[j] as f32 * a.d[k]) * idot32_u8(&q[j], 0, &a.qs[k]) as f32;
             mins += m[j] as f32 * a.s[k];
         }
         sum += d * acc - dmin * mins;
@@ -208,7 +242,14 @@ fn dot_q4k_like<I: Isa, B: super::blocks::Block>(
 /// The eight 32-value sub-blocks of Q4_K quants.
 #[inline(always)]
 fn q4k_quants(qs: &[u8; 128]) -> [[u8; QK]; 8] {
-    std::array::from_fn(|j| std::array::from_fn(|l| (qs[32 * (j / 2) + l] >> (4 * (j % 2))) & 0xF))
+    let mut q = [[0u8; QK]; 8];
+    for p in 0..4 {
+        for l in 0..QK {
+            q[2 * p][l] = qs[32 * p + l] & 0xF;
+            q[2 * p + 1][l] = qs[32 * p + l] >> 4;
+        }
+    }
+    q
 }
 
 #[inline(always)]
@@ -222,11 +263,13 @@ fn dot_q6k<I: Isa>(isa: I, src: &[u8], a: &QuantizedActivation) -> f32 {
             for g in 0..4 {
                 // Group g: weights 128h + 32g + l, from ql[32·(g%2)+l] nibble g/2
                 // and qh[l] bits 2g..2g+2.
-                let q: [i8; QK] = std::array::from_fn(|l| {
-                    let lo = (ql[32 * (g % 2) + l] >> (4 * (g / 2))) & 0xF;
-                    let hi = (qh[l] >> (2 * g)) & 3;
-                    (lo | (hi << 4)) as i8 - 32
-                });
+                let (lo_shift, hi_shift) = (4 * (g / 2), 2 * g);
+                let mut q = [0i8; QK];
+                for l in 0..QK {
+                    let lo = (ql[32 * (g % 2) + l] >> lo_shift) & 0xF;
+                    let hi = (qh[l] >> hi_shift) & 3;
+                    q[l] = (lo | (hi << 4)) as i8 - 32;
+                }
                 let k = 8 * i + 4 * h + g;
                 let aq = &a.qs[k];
                 let s0: i32 = (0..16).map(|l| q[l] as i32 * aq[l] as i32).sum();
@@ -241,23 +284,23 @@ fn dot_q6k<I: Isa>(isa: I, src: &[u8], a: &QuantizedActivation) -> f32 {
 }
 
 #[inline(always)]
-pub(crate) fn dot_generic<I: Isa>(isa: I, ty: GgmlType, src: &[u8], a: &QuantizedActivation) -> f32 {
+fn dot_generic<I: Isa>(isa: I, ty: GgmlType, src: &[u8], a: &QuantizedActivation) -> f32 {
     use GgmlType as T;
     match ty {
         T::F32 | T::F16 | T::BF16 => unreachable!("float rows are dispatched to the f32 kernels"),
         T::Q4_0 => dot_legacy(isa, src, a, |b: &BlockQ4_0, aq, da, _| {
-            isa.f16(b.d) * da * idot32(&offset(unpack_nibbles(&b.qs), 8), aq) as f32
+            isa.f16(b.d) * da * idot32_u8(&unpack_nibbles(&b.qs), 8, aq) as f32
         }),
         T::Q4_1 => dot_legacy(isa, src, a, |b: &BlockQ4_1, aq, da, s| {
-            let q = offset(unpack_nibbles(&b.qs), 0);
-            isa.f16(b.d) * da * idot32(&q, aq) as f32 + isa.f16(b.m) * s
+            let q = unpack_nibbles(&b.qs);
+            isa.f16(b.d) * da * idot32_u8(&q, 0, aq) as f32 + isa.f16(b.m) * s
         }),
         T::Q5_0 => dot_legacy(isa, src, a, |b: &BlockQ5_0, aq, da, _| {
-            isa.f16(b.d) * da * idot32(&offset(unpack_q5(b.qh, &b.qs), 16), aq) as f32
+            isa.f16(b.d) * da * idot32_u8(&unpack_q5(b.qh, &b.qs), 16, aq) as f32
         }),
         T::Q5_1 => dot_legacy(isa, src, a, |b: &BlockQ5_1, aq, da, s| {
-            let q = offset(unpack_q5(b.qh, &b.qs), 0);
-            isa.f16(b.d) * da * idot32(&q, aq) as f32 + isa.f16(b.m) * s
+            let q = unpack_q5(b.qh, &b.qs);
+            isa.f16(b.d) * da * idot32_u8(&q, 0, aq) as f32 + isa.f16(b.m) * s
         }),
         T::Q8_0 => dot_legacy(isa, src, a, |b: &BlockQ8_0, aq, da, _| {
             isa.f16(b.d) * da * idot32(&b.qs, aq) as f32

@@ -182,7 +182,12 @@ fn k_scales_quants(x: &[f32; QK_K], nmax: i32) -> ([u8; 2], [u8; 2], [u8; 12], [
             q[l] = nearest((x[l] + ml) * idl, 0, nmax) as u8;
         }
     }
-    (f16_bytes(d), f16_bytes(dmin), pack_scales_mins_k4(&ls, &lm), q)
+    (
+        f16_bytes(d),
+        f16_bytes(dmin),
+        pack_scales_mins_k4(&ls, &lm),
+        q,
+    )
 }
 
 /// Packs Q4_K/Q5_K low nibbles: sub-blocks 2p and 2p+1 share `qs[32p..32p+32]`.
@@ -215,10 +220,10 @@ fn q6_k(x: &[f32; QK_K], b: &mut BlockQ6K) {
     let sc = scale.map(|s| nearest(s * iscale, -128, 127) as i8);
     let dv = f16_value(d);
     let mut q = [0u8; QK_K];
-    for j in 0..16 {
-        let idl = inverse(dv * sc[j] as f32);
-        for l in 16 * j..16 * j + 16 {
-            q[l] = (nearest(x[l] * idl, -32, 31) + 32) as u8;
+    for ((qc, xc), &s) in q.chunks_exact_mut(16).zip(x.chunks_exact(16)).zip(&sc) {
+        let idl = inverse(dv * s as f32);
+        for (q, &x) in qc.iter_mut().zip(xc) {
+            *q = (nearest(x * idl, -32, 31) + 32) as u8;
         }
     }
     b.d = f16_bytes(d);

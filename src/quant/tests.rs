@@ -52,11 +52,19 @@ const SCALES: [f32; 8] = [0.0, 5.96e-8, 1.0e-4, 2.5e-3, 0.04, -0.03, 1.0, 65504.
 fn random_row(rng: &mut Rng, ty: GgmlType, n: usize, scale: impl Fn(usize) -> f32) -> Vec<u8> {
     use GgmlType as T;
     match ty {
-        T::F32 => rng.normals(n).iter().flat_map(|v| (v * 3.0).to_le_bytes()).collect(),
+        T::F32 => rng
+            .normals(n)
+            .iter()
+            .flat_map(|v| (v * 3.0).to_le_bytes())
+            .collect(),
         T::F16 => (0..n)
             .flat_map(|_| {
                 let h = half::f16::from_bits(rng.next() as u16);
-                let h = if h.is_finite() { h } else { half::f16::from_f32(-1.5) };
+                let h = if h.is_finite() {
+                    h
+                } else {
+                    half::f16::from_f32(-1.5)
+                };
                 h.to_bits().to_le_bytes()
             })
             .collect(),
@@ -95,7 +103,11 @@ fn dequant_with(level: Level, ty: GgmlType, src: &[u8], n: usize) -> Vec<f32> {
 /// `Σ w·x` in f64 and `Σ |w·x|` (the scale of its rounding error).
 fn dot64(w: &[f32], x: &[f32]) -> (f64, f64) {
     let dot = w.iter().zip(x).map(|(&w, &x)| w as f64 * x as f64).sum();
-    let abs = w.iter().zip(x).map(|(&w, &x)| (w as f64 * x as f64).abs()).sum();
+    let abs = w
+        .iter()
+        .zip(x)
+        .map(|(&w, &x)| (w as f64 * x as f64).abs())
+        .sum();
     (dot, abs)
 }
 
@@ -123,7 +135,10 @@ fn ids_names_and_sizes() {
     ];
     for (id, name, bs, ts) in table {
         let t = GgmlType::from_u32(id).unwrap();
-        assert_eq!((t as u32, t.name(), t.block_size(), t.type_size()), (id, name, bs, ts));
+        assert_eq!(
+            (t as u32, t.name(), t.block_size(), t.type_size()),
+            (id, name, bs, ts)
+        );
         assert_eq!(t.to_string(), name);
     }
     assert_eq!(GgmlType::ALL.len(), table.len());
@@ -190,6 +205,31 @@ fn empty_rows() {
 }
 
 #[test]
+fn software_f16_conversion_is_exact() {
+    for h in 0..=u16::MAX {
+        let want = half::f16::from_bits(h).to_f32();
+        let got = super::simd::f16_to_f32(h);
+        if want.is_nan() {
+            assert!(got.is_nan() && got.to_bits() == want.to_bits(), "{h:#06x}");
+        } else {
+            assert_eq!(got.to_bits(), want.to_bits(), "{h:#06x}");
+        }
+    }
+}
+
+#[test]
+fn every_f16_decodes_identically_on_every_level() {
+    let row: Vec<u8> = (0..=u16::MAX).flat_map(|h| h.to_le_bytes()).collect();
+    let want = dequant_with(Level::Portable, GgmlType::F16, &row, 1 << 16);
+    for level in available_levels() {
+        let got = dequant_with(level, GgmlType::F16, &row, 1 << 16);
+        for (h, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(g.to_bits(), w.to_bits(), "{level:?} {h:#06x}");
+        }
+    }
+}
+
+#[test]
 fn k4_scale_unpacking_agrees_and_round_trips() {
     let mut rng = Rng(7);
     for _ in 0..200 {
@@ -212,7 +252,10 @@ fn dequantize_is_identical_on_every_level() {
             assert!(want.iter().all(|v| v.is_finite()), "{ty}");
             for level in available_levels() {
                 let got = dequant_with(level, ty, &row, n);
-                let same = got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits());
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
                 assert!(same, "{ty} n={n} {level:?}");
             }
             let mut y = vec![0f32; n];
@@ -235,7 +278,10 @@ fn dot_row_matches_f64_dot_on_every_level() {
                 for level in available_levels() {
                     let got = kernels::dot(level, ty, &row, &x) as f64;
                     let tol = 4e-7 * abs * (n as f64).sqrt() + 1e-30;
-                    assert!((got - want).abs() <= tol, "{ty} n={n} {level:?}: {got} vs {want}");
+                    assert!(
+                        (got - want).abs() <= tol,
+                        "{ty} n={n} {level:?}: {got} vs {want}"
+                    );
                 }
             }
         }
@@ -285,14 +331,24 @@ fn dot_row_q8_is_within_activation_rounding() {
                 let mut results = Vec::new();
                 for level in available_levels() {
                     let got = q8::dot(level, ty, &row, &a) as f64;
-                    assert!((got - want).abs() <= bound, "{ty} n={n} {level:?}: {got} vs {want} (±{bound})");
+                    assert!(
+                        (got - want).abs() <= bound,
+                        "{ty} n={n} {level:?}: {got} vs {want} (±{bound})"
+                    );
                     results.push(got);
                 }
                 // Levels differ only in f32 summation order (float rows use x itself).
-                let xq = if ty.block_size() == 1 { x.clone() } else { a.dequantized() };
+                let xq = if ty.block_size() == 1 {
+                    x.clone()
+                } else {
+                    a.dequantized()
+                };
                 let (exact, abs_hat) = dot64(&w, &xq);
                 for r in &results {
-                    assert!((r - exact).abs() <= 1e-5 * abs_hat + 1e-30, "{ty} n={n}: {r} vs {exact}");
+                    assert!(
+                        (r - exact).abs() <= 1e-5 * abs_hat + 1e-30,
+                        "{ty} n={n}: {r} vs {exact}"
+                    );
                 }
             }
         }
@@ -305,7 +361,9 @@ fn matvec_matches_rows() {
     for ty in GgmlType::ALL {
         let n = 2 * ty.block_size().max(32);
         let rows = 5;
-        let m: Vec<u8> = (0..rows).flat_map(|r| random_row(&mut rng, ty, n, |k| SCALES[(k + r) % 8])).collect();
+        let m: Vec<u8> = (0..rows)
+            .flat_map(|r| random_row(&mut rng, ty, n, |k| SCALES[(k + r) % 8]))
+            .collect();
         let a = quantize_activation_q8(&rng.normals(n));
         let mut out = vec![0f32; rows];
         matvec_q8(ty, &m, &a, &mut out).unwrap();
@@ -331,7 +389,10 @@ fn activation_quantization() {
         assert_eq!(a.qs.len(), n.div_ceil(32));
         let xh = a.dequantized();
         for (i, (&v, &h)) in x.iter().zip(&xh).enumerate() {
-            assert!((v - h).abs() <= a.d[i / 32] * 0.5001, "n={n} i={i}: {v} vs {h}");
+            assert!(
+                (v - h).abs() <= a.d[i / 32] * 0.5001,
+                "n={n} i={i}: {v} vs {h}"
+            );
         }
         for b in 0..a.qs.len() {
             let sum: i32 = a.qs[b].iter().map(|&q| q as i32).sum();
@@ -340,6 +401,14 @@ fn activation_quantization() {
         }
         // Padding is zero.
         assert!(a.qs.iter().flatten().skip(n).all(|&q| q == 0));
+    }
+    for bad in [f32::NAN, f32::INFINITY] {
+        let mut x = vec![0.5f32; 64];
+        x[40] = bad;
+        let a = quantize_activation_q8(&x);
+        let row = vec![0x11u8; GgmlType::Q8_0.row_bytes(64).unwrap()];
+        assert!(dot_row_q8(GgmlType::Q8_0, &row, &a).is_nan(), "{bad}");
+        assert!(dot_row(GgmlType::Q8_0, &row, &x).is_nan() || bad.is_infinite());
     }
     let z = quantize_activation_q8(&[0.0; 64]);
     assert!(z.d.iter().all(|&d| d == 0.0) && z.qs.iter().flatten().all(|&q| q == 0));
@@ -370,7 +439,12 @@ fn float_round_trips() {
     let mut rng = Rng(6);
     let mut x = rng.normals(300);
     x.extend([0.0, -0.0, 1e-3, -65504.0, 3.0e-8, 1e30]);
-    assert!(round_trip(GgmlType::F32, &x).iter().zip(&x).all(|(a, b)| a.to_bits() == b.to_bits()));
+    assert!(
+        round_trip(GgmlType::F32, &x)
+            .iter()
+            .zip(&x)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+    );
     for (ty, rel) in [(GgmlType::F16, 1.0 / 2048.0), (GgmlType::BF16, 1.0 / 256.0)] {
         let y = round_trip(ty, &x[..x.len() - 1]);
         for (&a, &b) in x.iter().zip(&y) {
@@ -385,7 +459,16 @@ fn float_round_trips() {
 fn quantized_round_trips_are_within_a_step() {
     use GgmlType as T;
     let mut rng = Rng(8);
-    for ty in [T::Q4_0, T::Q4_1, T::Q5_0, T::Q5_1, T::Q8_0, T::Q4_K, T::Q5_K, T::Q6_K] {
+    for ty in [
+        T::Q4_0,
+        T::Q4_1,
+        T::Q5_0,
+        T::Q5_1,
+        T::Q8_0,
+        T::Q4_K,
+        T::Q5_K,
+        T::Q6_K,
+    ] {
         let bs = ty.block_size();
         for case in 0..4 {
             let mut x: Vec<f32> = rng.normals(4 * bs);
@@ -400,9 +483,13 @@ fn quantized_round_trips_are_within_a_step() {
             // with the k-quants' scales quantized against the largest step).
             let sub = if bs == 256 { bs } else { 32 };
             for (xc, yc) in x.chunks(sub).zip(y.chunks(sub)) {
-                let (lo, hi) = xc.iter().fold((0f32, 0f32), |(l, h), &v| (l.min(v), h.max(v)));
+                let (lo, hi) = xc
+                    .iter()
+                    .fold((0f32, 0f32), |(l, h), &v| (l.min(v), h.max(v)));
                 let amax = hi.max(-lo);
-                let (lo, hi) = xc.iter().fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
+                let (lo, hi) = xc
+                    .iter()
+                    .fold((f32::MAX, f32::MIN), |(l, h), &v| (l.min(v), h.max(v)));
                 let step = match ty {
                     T::Q4_0 => amax / 8.0,
                     T::Q5_0 => amax / 16.0,
@@ -416,11 +503,15 @@ fn quantized_round_trips_are_within_a_step() {
                 };
                 let tol = step * 1.02 + hi.abs().max(lo.abs()) * 2e-3;
                 for (&a, &b) in xc.iter().zip(yc) {
-                    assert!((a - b).abs() <= tol, "{ty} case {case}: {a} → {b} (step {step})");
+                    assert!(
+                        (a - b).abs() <= tol,
+                        "{ty} case {case}: {a} → {b} (step {step})"
+                    );
                 }
             }
             if case == 0 {
-                let rms = |v: &[f32]| (v.iter().map(|v| v * v).sum::<f32>() / v.len() as f32).sqrt();
+                let rms =
+                    |v: &[f32]| (v.iter().map(|v| v * v).sum::<f32>() / v.len() as f32).sqrt();
                 let err: Vec<f32> = x.iter().zip(&y).map(|(a, b)| a - b).collect();
                 let rel = rms(&err) / rms(&x);
                 let limit = match ty {

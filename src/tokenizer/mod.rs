@@ -1,8 +1,8 @@
 //! Text ↔ token ids, built from the tokenizer a GGUF file carries.
 //!
 //! Two algorithms cover the supported models:
-//! - byte-level BPE (`tokenizer.ggml.model = gpt2`, [`bpe`]): SmolLM2, Llama 3, Qwen;
-//! - SentencePiece BPE (`llama`, [`spm`]): Llama 2, Gemma.
+//! - byte-level BPE (`tokenizer.ggml.model = gpt2`, `bpe.rs`): SmolLM2, Llama 3, Qwen;
+//! - SentencePiece BPE (`llama`, `spm.rs`): Llama 2, Gemma.
 //!
 //! Control and user-defined tokens written in the text (`<|im_start|>`,
 //! `<start_of_turn>`, Gemma's `\n\n`) are split out first and come out as
@@ -44,8 +44,8 @@ const END_OF_TURN_TEXTS: &[&str] = &[
 
 #[derive(Debug)]
 enum Engine {
-    Gpt2(bpe::ByteLevelBpe),
-    Llama(spm::SentencePiece),
+    Gpt2(Box<bpe::ByteLevelBpe>),
+    Llama(Box<spm::SentencePiece>),
 }
 
 /// A tokenizer: encodes text to ids and decodes ids to text.
@@ -151,20 +151,20 @@ impl Tokenizer {
 
         let mut warnings = Vec::new();
         let engine = match kind {
-            TokenizerKind::Gpt2 => Engine::Gpt2(bpe::ByteLevelBpe::new(
+            TokenizerKind::Gpt2 => Engine::Gpt2(Box::new(bpe::ByteLevelBpe::new(
                 &p.tokens,
                 &p.merges,
                 &p.pre,
                 &mut warnings,
-            )?),
-            TokenizerKind::Llama => Engine::Llama(spm::SentencePiece::new(
+            )?)),
+            TokenizerKind::Llama => Engine::Llama(Box::new(spm::SentencePiece::new(
                 &p.tokens,
                 &types,
                 &p.scores,
                 p.merge_order,
                 p.space_run_tokens,
                 p.unk_id,
-            )?),
+            )?)),
         };
 
         let mut end_of_generation: Vec<u32> = [p.eos_id, p.eot_id, p.eom_id]
@@ -294,7 +294,7 @@ impl Tokenizer {
         self.tokens.get(id as usize).map(String::as_str)
     }
 
-    /// The id of a token by its vocabulary text.
+    /// The id of a token by its vocabulary text (a linear scan).
     pub fn token_id(&self, text: &str) -> Option<u32> {
         self.tokens.iter().position(|t| t == text).map(|i| i as u32)
     }

@@ -15,7 +15,11 @@
 //! re-segmenting afterwards.
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+// `tokenizers` re-exports its fast-hashing string map; lookups of piece
+// concatenations are the hot loop here.
+use tokenizers::models::bpe::Vocab as PieceMap;
 
 use super::parts::{MergeOrder, TokenType};
 use crate::{Error, Result};
@@ -24,7 +28,7 @@ use crate::{Error, Result};
 #[derive(Debug)]
 pub(crate) struct SentencePiece {
     /// Piece text → id, as merges look pieces up.
-    ids: HashMap<String, u32>,
+    ids: PieceMap,
     /// The text each id is looked up by (Gemma's space runs spelled with `▁`).
     pieces: Vec<String>,
     /// Characters in each piece (the tie-break between splits of one piece).
@@ -68,11 +72,15 @@ struct Symbol {
     alive: bool,
 }
 
+/// (priority of the merged piece, longer left part first, longer right part
+/// first, merged id, position): the smallest merges first.
+type MergeKey = (u32, Reverse<u32>, Reverse<u32>, u32, usize);
+
 /// A candidate merge of the symbol at `left` with its right neighbour.
 /// Ordered so that the max-heap pops the best merge, then the leftmost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Candidate {
-    key: Reverse<(u32, Reverse<u32>, Reverse<u32>, u32, usize)>,
+    key: Reverse<MergeKey>,
     left: usize,
     left_id: u32,
     right_id: u32,
@@ -95,7 +103,8 @@ impl SentencePiece {
         if n > u32::MAX as usize {
             return Err(Error::Tokenizer(format!("{n} tokens do not fit u32 ids")));
         }
-        let mut ids = HashMap::with_capacity(n);
+        let mut ids = PieceMap::default();
+        ids.reserve(n);
         let mut pieces = Vec::with_capacity(n);
         let mut piece_chars = Vec::with_capacity(n);
         let mut priority = Vec::with_capacity(n);

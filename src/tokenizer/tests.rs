@@ -251,3 +251,24 @@ fn from_gguf_rejects_unknown_models() {
         other => panic!("expected an error, got {other:?}"),
     }
 }
+
+#[test]
+fn tokenizer_is_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Tokenizer>();
+    assert_send_sync::<ChatTemplate>();
+}
+
+#[test]
+fn gpt2_split_regex_pre_tokenizers() {
+    for pre in ["llama3", "qwen2", "qwen35", "tekken", "gpt-4o"] {
+        let mut p = gpt2_like();
+        p.pre = pre.into();
+        let t = Tokenizer::from_parts(p).unwrap();
+        assert!(t.warnings().is_empty(), "{pre}");
+        let text = "hi 12345\n\n  x<|im_end|>";
+        let ids = t.encode(text, false).unwrap();
+        assert_eq!(t.decode(&ids), text, "{pre}");
+        assert_eq!(*ids.last().unwrap(), 2, "{pre}");
+    }
+}
