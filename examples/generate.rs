@@ -6,7 +6,7 @@
 //! ```
 
 use edgetune::backend::cpu::CpuDecoder;
-use edgetune::infer::{generate, GenerateOptions, SamplingParams};
+use edgetune::infer::{GenerateOptions, SamplingParams, generate};
 use edgetune::model::Model;
 use edgetune::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use std::io::Write;
@@ -14,8 +14,12 @@ use std::ops::ControlFlow;
 
 fn main() -> edgetune::Result<()> {
     let mut args = std::env::args().skip(1);
-    let path = args.next().unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
-    let question = args.next().unwrap_or_else(|| "Name three uses of a paperclip.".into());
+    let path = args
+        .next()
+        .unwrap_or_else(|| "models/SmolLM2-135M-Instruct.Q4_1.gguf".into());
+    let question = args
+        .next()
+        .unwrap_or_else(|| "Name three uses of a paperclip.".into());
 
     let model = Model::open(&path)?;
     let tokenizer = Tokenizer::from_gguf(model.file())?;
@@ -26,7 +30,12 @@ fn main() -> edgetune::Result<()> {
     let decoder = CpuDecoder::new(&model)?;
     let opts = GenerateOptions {
         max_tokens: 200,
-        sampling: SamplingParams { temperature: 0.7, top_k: 40, top_p: 0.95, seed: 1 },
+        sampling: SamplingParams {
+            temperature: 0.7,
+            top_k: 40,
+            top_p: 0.95,
+            seed: 1,
+        },
         stop_at_end: true,
     };
     let mut lines = 0;
@@ -35,7 +44,11 @@ fn main() -> edgetune::Result<()> {
         let _ = std::io::stdout().flush();
         // An application can stop generation at any point: here, after 8 lines.
         lines += piece.matches('\n').count();
-        if lines >= 8 { ControlFlow::Break(()) } else { ControlFlow::Continue(()) }
+        if lines >= 8 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
     })?;
     println!("\n[{} tokens, stopped: {:?}]", out.tokens.len(), out.stop);
     Ok(())

@@ -32,7 +32,11 @@ fn open(file: &str) -> Option<Model> {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 /// Prompt ids as the reference made them: chats rendered with the model's
@@ -40,8 +44,11 @@ fn ids(v: &Value) -> Vec<u32> {
 fn encode_prompt(model: &Model, tok: &Tokenizer, p: &Value) -> Vec<u32> {
     match p["chat"].as_array() {
         Some(chat) => {
-            let msgs: Vec<ChatMessage> = serde_json::from_value(Value::Array(chat.clone())).unwrap();
-            let t = ChatTemplate::from_gguf(model.file()).unwrap().expect("model has a chat template");
+            let msgs: Vec<ChatMessage> =
+                serde_json::from_value(Value::Array(chat.clone())).unwrap();
+            let t = ChatTemplate::from_gguf(model.file())
+                .unwrap()
+                .expect("model has a chat template");
             let text = t.render(&msgs, true).unwrap();
             assert_eq!(text, p["text"].as_str().unwrap(), "rendered chat differs");
             tok.encode(&text, false).unwrap()
@@ -65,18 +72,29 @@ fn check_prompts(model: &Model, refs: &Value) {
         for (id, want) in top.iter().zip(p["top10_logits"].as_array().unwrap()) {
             let (got, want) = (logits[*id as usize] as f64, want.as_f64().unwrap());
             worst = worst.max((got - want).abs());
-            assert!((got - want).abs() < 0.02, "{name}: logit of token {id}: {got} vs reference {want}");
+            assert!(
+                (got - want).abs() < 0.02,
+                "{name}: logit of token {id}: {got} vs reference {want}"
+            );
         }
         let mean = logits.iter().map(|&v| v as f64).sum::<f64>() / logits.len() as f64;
-        assert!((mean - p["logits_mean"].as_f64().unwrap()).abs() < 0.01, "{name}: logits mean {mean}");
-        eprintln!("{name}: {} input ids equal, top-10 logits within {worst:.4}", input.len());
+        assert!(
+            (mean - p["logits_mean"].as_f64().unwrap()).abs() < 0.01,
+            "{name}: logits mean {mean}"
+        );
+        eprintln!(
+            "{name}: {} input ids equal, top-10 logits within {worst:.4}",
+            input.len()
+        );
 
         // Greedy with the KV cache, compared up to the first near-tie.
         let stable = p["greedy_stable_len"].as_u64().unwrap() as usize;
         let want = ids(&p["greedy_ids"]);
         let mut got = vec![argmax(&logits)];
         while got.len() < stable {
-            let l = dec.forward(&[*got.last().unwrap()], &mut cache, Logits::Last).unwrap();
+            let l = dec
+                .forward(&[*got.last().unwrap()], &mut cache, Logits::Last)
+                .unwrap();
             got.push(argmax(&l));
         }
         assert_eq!(got[..stable], want[..stable], "{name}: greedy continuation");
@@ -87,17 +105,33 @@ fn check_perplexity(model: &Model, refs: &Value) {
     let tok = Tokenizer::from_gguf(model.file()).unwrap();
     let dec = CpuDecoder::new(model).unwrap();
     for r in refs["perplexity"].as_array().unwrap() {
-        let file = root().join("tests/reference/texts").join(r["file"].as_str().unwrap());
+        let file = root()
+            .join("tests/reference/texts")
+            .join(r["file"].as_str().unwrap());
         let text = std::fs::read_to_string(file).unwrap();
         let context = r["context"].as_u64().unwrap() as usize;
-        let s = perplexity(&dec, &tok, &text, context, &mut |_, _| ControlFlow::Continue(())).unwrap();
+        let s = perplexity(&dec, &tok, &text, context, &mut |_, _| {
+            ControlFlow::Continue(())
+        })
+        .unwrap();
         assert_eq!(s.text_tokens as u64, r["text_tokens"].as_u64().unwrap());
-        assert_eq!(s.predicted_tokens as u64, r["predicted_tokens"].as_u64().unwrap());
+        assert_eq!(
+            s.predicted_tokens as u64,
+            r["predicted_tokens"].as_u64().unwrap()
+        );
         assert_eq!(s.bos_prefixed, r["bos_prefixed"].as_bool().unwrap());
         let want = r["perplexity"].as_f64().unwrap();
         let rel = (s.perplexity - want).abs() / want;
-        eprintln!("perplexity {:.4} vs reference {want:.4} ({:.3}%)", s.perplexity, rel * 100.0);
-        assert!(rel < 0.005, "perplexity {} vs reference {want}", s.perplexity);
+        eprintln!(
+            "perplexity {:.4} vs reference {want:.4} ({:.3}%)",
+            s.perplexity,
+            rel * 100.0
+        );
+        assert!(
+            rel < 0.005,
+            "perplexity {} vs reference {want}",
+            s.perplexity
+        );
     }
 }
 

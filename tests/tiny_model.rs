@@ -23,10 +23,14 @@ struct Cfg {
 
 /// Deterministic pseudo-random values in [-scale, scale).
 fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..n)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
         })
         .collect()
@@ -39,15 +43,33 @@ fn write_model(c: &Cfg, path: &Path) -> std::collections::HashMap<String, Vec<f3
     w.add_metadata("general.architecture", Value::String(a.into()));
     w.add_metadata(format!("{a}.embedding_length"), Value::U32(c.n_embd as u32));
     w.add_metadata(format!("{a}.block_count"), Value::U32(c.n_layer as u32));
-    w.add_metadata(format!("{a}.attention.head_count"), Value::U32(c.n_head as u32));
-    w.add_metadata(format!("{a}.attention.head_count_kv"), Value::U32(c.n_kv as u32));
-    w.add_metadata(format!("{a}.feed_forward_length"), Value::U32(c.n_ff as u32));
+    w.add_metadata(
+        format!("{a}.attention.head_count"),
+        Value::U32(c.n_head as u32),
+    );
+    w.add_metadata(
+        format!("{a}.attention.head_count_kv"),
+        Value::U32(c.n_kv as u32),
+    );
+    w.add_metadata(
+        format!("{a}.feed_forward_length"),
+        Value::U32(c.n_ff as u32),
+    );
     w.add_metadata(format!("{a}.context_length"), Value::U32(64));
-    w.add_metadata(format!("{a}.rope.freq_base"), Value::F32(if a == "gemma3" { 1e6 } else { 1e4 }));
-    w.add_metadata(format!("{a}.attention.layer_norm_rms_epsilon"), Value::F32(1e-6));
+    w.add_metadata(
+        format!("{a}.rope.freq_base"),
+        Value::F32(if a == "gemma3" { 1e6 } else { 1e4 }),
+    );
+    w.add_metadata(
+        format!("{a}.attention.layer_norm_rms_epsilon"),
+        Value::F32(1e-6),
+    );
     if a == "gemma3" {
         w.add_metadata("gemma3.attention.key_length", Value::U32(c.head_dim as u32));
-        w.add_metadata("gemma3.attention.sliding_window", Value::U32(c.window as u32));
+        w.add_metadata(
+            "gemma3.attention.sliding_window",
+            Value::U32(c.window as u32),
+        );
     }
     let mut out = std::collections::HashMap::new();
     let mut seed = 1;
@@ -71,8 +93,20 @@ fn write_model(c: &Cfg, path: &Path) -> std::collections::HashMap<String, Vec<f3
         out.insert(name, decoded);
     };
     let (e, q, kv) = (c.n_embd, c.n_head * c.head_dim, c.n_kv * c.head_dim);
-    add(&mut w, "token_embd.weight".into(), &[e, c.n_vocab], c.ty, 0.0);
-    add(&mut w, "output_norm.weight".into(), &[e], GgmlType::F32, 1.0);
+    add(
+        &mut w,
+        "token_embd.weight".into(),
+        &[e, c.n_vocab],
+        c.ty,
+        0.0,
+    );
+    add(
+        &mut w,
+        "output_norm.weight".into(),
+        &[e],
+        GgmlType::F32,
+        1.0,
+    );
     for i in 0..c.n_layer {
         let n = |s: &str| format!("blk.{i}.{s}.weight");
         add(&mut w, n("attn_norm"), &[e], GgmlType::F32, 1.0);
@@ -103,11 +137,17 @@ fn rms(x: &[f64], w: &[f32]) -> Vec<f64> {
 
 /// y = W x with W stored `[rows, cols]` row-major.
 fn lin(w: &[f32], x: &[f64]) -> Vec<f64> {
-    w.chunks(x.len()).map(|r| r.iter().zip(x).map(|(&a, b)| a as f64 * b).sum()).collect()
+    w.chunks(x.len())
+        .map(|r| r.iter().zip(x).map(|(&a, b)| a as f64 * b).sum())
+        .collect()
 }
 
 /// Naive forward of one whole sequence: logits at every position.
-fn naive(c: &Cfg, t: &std::collections::HashMap<String, Vec<f32>>, tokens: &[u32]) -> Vec<Vec<f64>> {
+fn naive(
+    c: &Cfg,
+    t: &std::collections::HashMap<String, Vec<f32>>,
+    tokens: &[u32],
+) -> Vec<Vec<f64>> {
     let gemma = c.arch == "gemma3";
     let (e, d) = (c.n_embd, c.head_dim);
     let emb = &t["token_embd.weight"];
@@ -115,18 +155,29 @@ fn naive(c: &Cfg, t: &std::collections::HashMap<String, Vec<f32>>, tokens: &[u32
         .iter()
         .map(|&id| {
             let s = if gemma { (e as f64).sqrt() } else { 1.0 };
-            emb[id as usize * e..(id as usize + 1) * e].iter().map(|&v| v as f64 * s).collect()
+            emb[id as usize * e..(id as usize + 1) * e]
+                .iter()
+                .map(|&v| v as f64 * s)
+                .collect()
         })
         .collect();
     for l in 0..c.n_layer {
         let g = |s: &str| &t[&format!("blk.{l}.{s}.weight")];
         let global = !gemma || l % 6 == 5;
-        let base: f64 = if gemma { if global { 1e6 } else { 1e4 } } else { 1e4 };
+        let base: f64 = if gemma {
+            if global { 1e6 } else { 1e4 }
+        } else {
+            1e4
+        };
         let rope = |v: &mut [f64], pos: usize| {
             for h in v.chunks_mut(d) {
                 for i in 0..d / 2 {
                     let ang = pos as f64 * base.powf(-2.0 * i as f64 / d as f64);
-                    let (a, b) = if gemma { (i, i + d / 2) } else { (2 * i, 2 * i + 1) };
+                    let (a, b) = if gemma {
+                        (i, i + d / 2)
+                    } else {
+                        (2 * i, 2 * i + 1)
+                    };
                     let (x0, x1) = (h[a], h[b]);
                     h[a] = x0 * ang.cos() - x1 * ang.sin();
                     h[b] = x0 * ang.sin() + x1 * ang.cos();
@@ -141,8 +192,14 @@ fn naive(c: &Cfg, t: &std::collections::HashMap<String, Vec<f32>>, tokens: &[u32
             let mut q = lin(g("attn_q"), &h);
             let mut k = lin(g("attn_k"), &h);
             if gemma {
-                q = q.chunks(d).flat_map(|hq| rms(hq, g("attn_q_norm"))).collect();
-                k = k.chunks(d).flat_map(|hk| rms(hk, g("attn_k_norm"))).collect();
+                q = q
+                    .chunks(d)
+                    .flat_map(|hq| rms(hq, g("attn_q_norm")))
+                    .collect();
+                k = k
+                    .chunks(d)
+                    .flat_map(|hk| rms(hk, g("attn_k_norm")))
+                    .collect();
             }
             rope(&mut q, pos);
             rope(&mut k, pos);
@@ -158,7 +215,10 @@ fn naive(c: &Cfg, t: &std::collections::HashMap<String, Vec<f32>>, tokens: &[u32
                 let sc: Vec<f64> = visible
                     .iter()
                     .map(|&j| {
-                        (0..d).map(|z| qs[i][hh * d + z] * ks[j][kvh * d + z]).sum::<f64>() / (d as f64).sqrt()
+                        (0..d)
+                            .map(|z| qs[i][hh * d + z] * ks[j][kvh * d + z])
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
                     })
                     .collect();
                 let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
@@ -183,7 +243,11 @@ fn naive(c: &Cfg, t: &std::collections::HashMap<String, Vec<f32>>, tokens: &[u32
                 .zip(&up)
                 .map(|(&a, &u)| {
                     let f = if gemma {
-                        0.5 * a * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * (a + 0.044715 * a * a * a)).tanh())
+                        0.5 * a
+                            * (1.0
+                                + ((2.0 / std::f64::consts::PI).sqrt()
+                                    * (a + 0.044715 * a * a * a))
+                                    .tanh())
                     } else {
                         a / (1.0 + (-a).exp())
                     };
@@ -197,7 +261,9 @@ fn naive(c: &Cfg, t: &std::collections::HashMap<String, Vec<f32>>, tokens: &[u32
             x.iter_mut().zip(&dn).for_each(|(a, b)| *a += b);
         }
     }
-    xs.iter().map(|x| lin(emb, &rms(x, &t["output_norm.weight"]))).collect()
+    xs.iter()
+        .map(|x| lin(emb, &rms(x, &t["output_norm.weight"])))
+        .collect()
 }
 
 fn check(c: Cfg) {
@@ -218,8 +284,18 @@ fn check(c: Cfg) {
         let one = dec.forward(&[tok], &mut cache2, Logits::Last).unwrap();
         for v in 0..c.n_vocab {
             let (a, b, n) = (all[p * c.n_vocab + v] as f64, one[v] as f64, want[p][v]);
-            assert!((a - n).abs() < 2e-3 * (1.0 + n.abs()), "{} {:?} batched pos {p} vocab {v}: {a} vs naive {n}", c.arch, c.ty);
-            assert!((b - n).abs() < 2e-3 * (1.0 + n.abs()), "{} {:?} incremental pos {p} vocab {v}: {b} vs naive {n}", c.arch, c.ty);
+            assert!(
+                (a - n).abs() < 2e-3 * (1.0 + n.abs()),
+                "{} {:?} batched pos {p} vocab {v}: {a} vs naive {n}",
+                c.arch,
+                c.ty
+            );
+            assert!(
+                (b - n).abs() < 2e-3 * (1.0 + n.abs()),
+                "{} {:?} incremental pos {p} vocab {v}: {b} vs naive {n}",
+                c.arch,
+                c.ty
+            );
         }
     }
 }
@@ -227,7 +303,18 @@ fn check(c: Cfg) {
 #[test]
 fn tiny_llama_matches_naive_forward() {
     for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_1] {
-        check(Cfg { arch: "llama", n_embd: 64, n_head: 4, n_kv: 2, head_dim: 16, n_ff: 96, n_vocab: 50, n_layer: 2, window: 0, ty });
+        check(Cfg {
+            arch: "llama",
+            n_embd: 64,
+            n_head: 4,
+            n_kv: 2,
+            head_dim: 16,
+            n_ff: 96,
+            n_vocab: 50,
+            n_layer: 2,
+            window: 0,
+            ty,
+        });
     }
 }
 
@@ -235,7 +322,18 @@ fn tiny_llama_matches_naive_forward() {
 fn tiny_gemma3_matches_naive_forward_with_sliding_window() {
     // Six layers: five sliding (window 4 < 11 tokens) and one global.
     for ty in [GgmlType::F32, GgmlType::Q8_0] {
-        check(Cfg { arch: "gemma3", n_embd: 64, n_head: 2, n_kv: 1, head_dim: 32, n_ff: 128, n_vocab: 40, n_layer: 6, window: 4, ty });
+        check(Cfg {
+            arch: "gemma3",
+            n_embd: 64,
+            n_head: 2,
+            n_kv: 1,
+            head_dim: 32,
+            n_ff: 128,
+            n_vocab: 40,
+            n_layer: 6,
+            window: 4,
+            ty,
+        });
     }
 }
 
@@ -243,14 +341,27 @@ fn tiny_gemma3_matches_naive_forward_with_sliding_window() {
 fn bad_token_and_full_context_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
-    let c = Cfg { arch: "llama", n_embd: 64, n_head: 4, n_kv: 2, head_dim: 16, n_ff: 96, n_vocab: 50, n_layer: 1, window: 0, ty: GgmlType::F32 };
+    let c = Cfg {
+        arch: "llama",
+        n_embd: 64,
+        n_head: 4,
+        n_kv: 2,
+        head_dim: 16,
+        n_ff: 96,
+        n_vocab: 50,
+        n_layer: 1,
+        window: 0,
+        ty: GgmlType::F32,
+    };
     write_model(&c, &path);
     let model = Model::open(&path).unwrap();
     let dec = CpuDecoder::new(&model).unwrap();
     let mut cache = dec.new_cache(4);
     let e = dec.forward(&[50], &mut cache, Logits::Last).unwrap_err();
     assert!(e.to_string().contains("token id 50"), "{e}");
-    let e = dec.forward(&[1, 2, 3, 4, 5], &mut cache, Logits::Last).unwrap_err();
+    let e = dec
+        .forward(&[1, 2, 3, 4, 5], &mut cache, Logits::Last)
+        .unwrap_err();
     assert!(e.to_string().contains("do not fit"), "{e}");
 }
 
@@ -260,11 +371,24 @@ fn missing_tensor_is_named() {
     let path = dir.path().join("broken.gguf");
     let mut w = GgufWriter::new();
     w.add_metadata("general.architecture", Value::String("llama".into()));
-    for (k, v) in [("embedding_length", 64), ("block_count", 1), ("attention.head_count", 4), ("feed_forward_length", 96)] {
+    for (k, v) in [
+        ("embedding_length", 64),
+        ("block_count", 1),
+        ("attention.head_count", 4),
+        ("feed_forward_length", 96),
+    ] {
         w.add_metadata(format!("llama.{k}"), Value::U32(v));
     }
-    w.add_f32_tensor("token_embd.weight", &[64, 10], GgmlType::F32, &vec![0.0; 640]).unwrap();
+    w.add_f32_tensor(
+        "token_embd.weight",
+        &[64, 10],
+        GgmlType::F32,
+        &vec![0.0; 640],
+    )
+    .unwrap();
     w.write_file(&path).unwrap();
-    let e = Model::open(&path).err().expect("a model without layers must not open");
+    let e = Model::open(&path)
+        .err()
+        .expect("a model without layers must not open");
     assert!(e.to_string().contains("output_norm.weight"), "{e}");
 }

@@ -1,11 +1,11 @@
 //! `edgetune bench`.
 
-use super::{print_json, progress_bar, ModelArgs};
+use super::{ModelArgs, print_json, progress_bar};
 use clap::Args;
-use edgetune::backend::cpu::CpuDecoder;
-use edgetune::infer::{bench, BenchOptions};
-use edgetune::model::Model;
 use edgetune::Error;
+use edgetune::backend::cpu::MatvecMode;
+use edgetune::infer::{BenchOptions, bench};
+use edgetune::model::Model;
 use std::ops::ControlFlow;
 use std::time::Instant;
 
@@ -31,31 +31,66 @@ pub struct BenchArgs {
 pub fn run(a: BenchArgs) -> Result<(), Error> {
     let t = Instant::now();
     let model = Model::open(a.model.path()?)?;
-    let decoder = CpuDecoder::new(&model)?;
+    let decoder = a.model.decoder(&model)?;
     let load_s = t.elapsed().as_secs_f64();
     let load_rss = peak_rss_mb();
-    let opts = BenchOptions { prompt_tokens: a.prompt_tokens, gen_tokens: a.gen_tokens, repetitions: a.repetitions };
-    let pb = progress_bar(2 * a.repetitions, "benchmarking");
+    let opts = BenchOptions {
+        prompt_tokens: a.prompt_tokens,
+        gen_tokens: a.gen_tokens,
+        repetitions: a.repetitions,
+    };
+    let pb = progress_bar(3 * a.repetitions, "benchmarking");
     let r = bench(&decoder, opts, &mut |done, _| {
         pb.set_position(done as u64);
         ControlFlow::Continue(())
     })?;
+    let fast = a.model.decoder(&model)?.with_matvec(MatvecMode::Q8);
+    let q8 = bench(
+        &fast,
+        BenchOptions {
+            prompt_tokens: 0,
+            ..opts
+        },
+        &mut |done, _| {
+            pb.set_position((a.repetitions + done) as u64);
+            ControlFlow::Continue(())
+        },
+    )?;
     pb.finish_and_clear();
     let peak_rss = peak_rss_mb();
     if a.json {
         return print_json(&serde_json::json!({
             "result": r,
+            "gen_tokens_per_s_q8": q8.gen_tokens_per_s,
             "load_seconds": load_s,
             "peak_rss_mb_after_load": load_rss,
             "peak_rss_mb": peak_rss,
         }));
     }
-    println!("model       {} ({})", model.file().path().display(), model.spec().arch);
+    println!(
+        "model       {} ({})",
+        model.file().path().display(),
+        model.spec().arch
+    );
     println!("device      cpu, {} threads", r.threads);
     let mb = |v: Option<f64>| v.map_or("?".into(), |v| format!("{v:.0} MB"));
-    println!("load        {:.3} s (memory-mapped), peak RSS {}", load_s, mb(load_rss));
-    println!("prompt      {:.1} tokens/s  (pp{})", r.prompt_tokens_per_s, r.prompt_tokens);
-    println!("generation  {:.1} tokens/s  (tg{})", r.gen_tokens_per_s, r.gen_tokens);
+    println!(
+        "load        {:.3} s (memory-mapped), peak RSS {}",
+        load_s,
+        mb(load_rss)
+    );
+    println!(
+        "prompt      {:.1} tokens/s  (pp{})",
+        r.prompt_tokens_per_s, r.prompt_tokens
+    );
+    println!(
+        "generation  {:.1} tokens/s  (tg{}, exact)",
+        r.gen_tokens_per_s, r.gen_tokens
+    );
+    println!(
+        "generation  {:.1} tokens/s  (tg{}, --fast: 8-bit activations)",
+        q8.gen_tokens_per_s, r.gen_tokens
+    );
     println!("peak RSS    {}", mb(peak_rss));
     Ok(())
 }

@@ -1,12 +1,12 @@
 //! `edgetune generate`.
 
-use super::{print_json, ModelArgs};
+use super::{ModelArgs, print_json};
 use clap::Args;
-use edgetune::backend::cpu::CpuDecoder;
-use edgetune::infer::{generate, GenerateOptions, SamplingParams};
+use edgetune::Error;
+use edgetune::backend::cpu::MatvecMode;
+use edgetune::infer::{GenerateOptions, SamplingParams, generate};
 use edgetune::model::Model;
 use edgetune::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
-use edgetune::Error;
 use std::io::Write;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
@@ -43,6 +43,10 @@ pub struct GenerateArgs {
     /// Random seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Faster generation: round activations to 8 bits in single-token
+    /// products, as llama.cpp does (prompts stay exact).
+    #[arg(long)]
+    fast: bool,
     /// Print one JSON object with the text and timings at the end instead of streaming.
     #[arg(long)]
     json: bool,
@@ -52,21 +56,38 @@ pub fn run(a: GenerateArgs) -> Result<(), Error> {
     let model = Model::open(a.model.path()?)?;
     let tokenizer = Tokenizer::from_gguf(model.file())?;
     let prompt = if a.chat || a.chat_template.is_some() {
-        let template = ChatTemplate::for_model(model.file(), &tokenizer, a.chat_template.as_deref())?;
+        let template =
+            ChatTemplate::for_model(model.file(), &tokenizer, a.chat_template.as_deref())?;
         let mut messages = Vec::new();
         if let Some(s) = &a.system {
-            messages.push(ChatMessage { role: "system".into(), content: s.clone() });
+            messages.push(ChatMessage {
+                role: "system".into(),
+                content: s.clone(),
+            });
         }
-        messages.push(ChatMessage { role: "user".into(), content: a.prompt.clone() });
+        messages.push(ChatMessage {
+            role: "user".into(),
+            content: a.prompt.clone(),
+        });
         let text = template.render(&messages, true)?;
         tokenizer.encode(&text, false)?
     } else {
         tokenizer.encode(&a.prompt, true)?
     };
-    let decoder = CpuDecoder::new(&model)?;
+    let mode = if a.fast {
+        MatvecMode::Q8
+    } else {
+        MatvecMode::Exact
+    };
+    let decoder = a.model.decoder(&model)?.with_matvec(mode);
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
-        sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p, seed: a.seed },
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+            seed: a.seed,
+        },
         stop_at_end: true,
     };
     let mut stdout = std::io::stdout().lock();
@@ -74,7 +95,11 @@ pub fn run(a: GenerateArgs) -> Result<(), Error> {
     let g = generate(&decoder, &tokenizer, &prompt, &opts, &mut |piece| {
         if !json {
             // A closed pipe (`| head`) ends generation quietly.
-            if stdout.write_all(piece.as_bytes()).and_then(|_| stdout.flush()).is_err() {
+            if stdout
+                .write_all(piece.as_bytes())
+                .and_then(|_| stdout.flush())
+                .is_err()
+            {
                 return ControlFlow::Break(());
             }
         }

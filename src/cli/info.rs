@@ -1,10 +1,10 @@
 //! `edgetune info`.
 
-use super::{print_json, ModelArgs};
+use super::{ModelArgs, print_json};
 use clap::Args;
+use edgetune::Error;
 use edgetune::gguf::GgufFile;
 use edgetune::model::ModelSummary;
-use edgetune::Error;
 
 /// Arguments of `info`.
 #[derive(Args)]
@@ -22,16 +22,28 @@ pub fn run(a: InfoArgs) -> Result<(), Error> {
     if a.json {
         return print_json(&s);
     }
-    println!("file          {} ({:.1} MB, GGUF v{})", s.path, s.file_bytes as f64 / 1e6, s.gguf_version);
+    println!(
+        "file          {} ({:.1} MB, GGUF v{})",
+        s.path,
+        s.file_bytes as f64 / 1e6,
+        s.gguf_version
+    );
     println!("name          {}", s.name.as_deref().unwrap_or("-"));
     println!("architecture  {}", s.architecture.as_deref().unwrap_or("-"));
     match &s.unsupported_reason {
         None => println!("supported     yes"),
         Some(r) => println!("supported     no: {r}"),
     }
-    println!("parameters    {:.1} M in {} tensors", s.parameters as f64 / 1e6, s.tensors);
+    println!(
+        "parameters    {:.1} M in {} tensors",
+        s.parameters as f64 / 1e6,
+        s.tensors
+    );
     for (ty, n) in &s.tensor_types {
-        println!("  {ty:<6} {n:>5} tensors  {:>8.1} MB", s.tensor_bytes[ty] as f64 / 1e6);
+        println!(
+            "  {ty:<6} {n:>5} tensors  {:>8.1} MB",
+            s.tensor_bytes[ty] as f64 / 1e6
+        );
     }
     println!("hyper-parameters");
     for (k, v) in &s.hyperparameters {
@@ -43,6 +55,9 @@ pub fn run(a: InfoArgs) -> Result<(), Error> {
         s.tokenizer_pre.as_deref().unwrap_or("-"),
         s.vocab_size.map_or("-".into(), |n| n.to_string())
     );
-    println!("chat template {}", if s.chat_template { "yes" } else { "no" });
+    println!(
+        "chat template {}",
+        if s.chat_template { "yes" } else { "no" }
+    );
     Ok(())
 }

@@ -7,6 +7,8 @@ mod score;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use edgetune::Error;
+use edgetune::backend::cpu::CpuDecoder;
+use edgetune::model::Model;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -24,9 +26,6 @@ const EXIT_CANCELLED: u8 = 130;
 struct Cli {
     #[command(subcommand)]
     command: Command,
-    /// Worker threads (default: all cores).
-    #[arg(long, global = true, value_name = "N")]
-    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -59,9 +58,19 @@ pub struct ModelArgs {
     /// Device to run on.
     #[arg(long, value_enum, default_value = "auto")]
     pub device: Device,
+    /// Worker threads (default: one per core).
+    #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
+    pub threads: usize,
 }
 
 impl ModelArgs {
+    /// The decoder for `model` on the chosen device and threads.
+    pub fn decoder<'m>(&self, model: &'m Model) -> Result<CpuDecoder<'m>, Error> {
+        match self.device {
+            Device::Auto | Device::Cpu => CpuDecoder::new(model)?.with_threads(self.threads),
+        }
+    }
+
     /// The model path: the argument, `$EDGETUNE_MODEL`, or the default model
     /// in `models/` (next to the working directory or the source tree).
     pub fn path(&self) -> Result<PathBuf, Error> {
@@ -73,7 +82,9 @@ impl ModelArgs {
         }
         let candidates = [
             Path::new("models").join(DEFAULT_MODEL),
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("models").join(DEFAULT_MODEL),
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("models")
+                .join(DEFAULT_MODEL),
         ];
         candidates.iter().find(|p| p.exists()).cloned().ok_or_else(|| {
             Error::Invalid(format!(
@@ -87,12 +98,6 @@ impl ModelArgs {
 /// Parse arguments, run the command, and turn errors into messages and exit codes.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(n) = cli.threads {
-        if let Err(e) = rayon::ThreadPoolBuilder::new().num_threads(n).build_global() {
-            eprintln!("error: --threads {n}: {e}");
-            return ExitCode::from(EXIT_FAILURE);
-        }
-    }
     let result = match cli.command {
         Command::Info(a) => info::run(a),
         Command::Generate(a) => generate::run(a),
@@ -116,9 +121,11 @@ pub fn main() -> ExitCode {
 pub fn progress_bar(total: usize, what: &str) -> indicatif::ProgressBar {
     let pb = indicatif::ProgressBar::new(total as u64);
     pb.set_style(
-        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:30}] {pos}/{len} {elapsed_precise} ETA {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
     pb.set_message(what.to_string());
     pb
@@ -126,7 +133,8 @@ pub fn progress_bar(total: usize, what: &str) -> indicatif::ProgressBar {
 
 /// Print `value` as one line of JSON on stdout.
 pub fn print_json(value: &impl serde::Serialize) -> Result<(), Error> {
-    let s = serde_json::to_string(value).map_err(|e| Error::Invalid(format!("JSON output: {e}")))?;
+    let s =
+        serde_json::to_string(value).map_err(|e| Error::Invalid(format!("JSON output: {e}")))?;
     println!("{s}");
     Ok(())
 }

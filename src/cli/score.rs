@@ -1,12 +1,11 @@
 //! `edgetune score`.
 
-use super::{print_json, progress_bar, ModelArgs};
+use super::{ModelArgs, print_json, progress_bar};
 use clap::Args;
-use edgetune::backend::cpu::CpuDecoder;
+use edgetune::Error;
 use edgetune::infer::perplexity;
 use edgetune::model::Model;
 use edgetune::tokenizer::Tokenizer;
-use edgetune::Error;
 use std::ops::ControlFlow;
 use std::path::PathBuf;
 
@@ -35,13 +34,19 @@ pub fn run(a: ScoreArgs) -> Result<(), Error> {
     let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
     let model = Model::open(model_path)?;
     let tokenizer = Tokenizer::from_gguf(model.file())?;
-    let decoder = CpuDecoder::new(&model)?;
+    let decoder = a.model.decoder(&model)?;
     let pb = progress_bar(0, "scoring");
-    let s = perplexity(&decoder, &tokenizer, &text, a.context, &mut |done, total| {
-        pb.set_length(total as u64);
-        pb.set_position(done as u64);
-        ControlFlow::Continue(())
-    })?;
+    let s = perplexity(
+        &decoder,
+        &tokenizer,
+        &text,
+        a.context,
+        &mut |done, total| {
+            pb.set_length(total as u64);
+            pb.set_position(done as u64);
+            ControlFlow::Continue(())
+        },
+    )?;
     pb.finish_and_clear();
     if a.json {
         return print_json(&serde_json::json!({
@@ -51,7 +56,10 @@ pub fn run(a: ScoreArgs) -> Result<(), Error> {
             "perplexity": s.perplexity,
         }));
     }
-    println!("tokens      {} ({} predicted in {} windows of ≤{})", s.text_tokens, s.predicted_tokens, s.windows, a.context);
+    println!(
+        "tokens      {} ({} predicted in {} windows of ≤{})",
+        s.text_tokens, s.predicted_tokens, s.windows, a.context
+    );
     println!("nll         {:.6}", s.nll);
     println!("perplexity  {:.4}", s.perplexity);
     Ok(())

@@ -21,7 +21,11 @@ pub struct BenchOptions {
 
 impl Default for BenchOptions {
     fn default() -> Self {
-        BenchOptions { prompt_tokens: 512, gen_tokens: 64, repetitions: 3 }
+        BenchOptions {
+            prompt_tokens: 512,
+            gen_tokens: 64,
+            repetitions: 3,
+        }
     }
 }
 
@@ -42,7 +46,11 @@ pub struct BenchResult {
     pub threads: usize,
 }
 
+/// Median of the measurements after the placeholder first element (0 if none).
 fn median(mut v: Vec<f64>) -> f64 {
+    if v.len() > 1 {
+        v.remove(0);
+    }
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -54,33 +62,50 @@ pub fn bench(
     progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
 ) -> Result<BenchResult> {
     let s = decoder.spec();
-    if opts.prompt_tokens == 0 || opts.repetitions == 0 || opts.prompt_tokens + opts.gen_tokens > s.context_length {
+    if opts.repetitions == 0 || opts.prompt_tokens.max(opts.gen_tokens) > s.context_length {
         return Err(Error::Invalid(format!(
-            "bench needs 1 ≤ prompt tokens, repetitions ≥ 1 and prompt + generated ≤ context ({})",
+            "bench needs repetitions ≥ 1, and prompt and generated tokens each ≤ context ({})",
             s.context_length
         )));
     }
     // A fixed, deterministic pseudo-random prompt: speed does not depend on the text.
-    let prompt: Vec<u32> = (0..opts.prompt_tokens as u64)
+    let prompt: Vec<u32> = (0..opts.prompt_tokens.max(1) as u64)
         .map(|i| ((i * 2_654_435_761 + 12_345) % (s.n_vocab as u64).min(30_000)) as u32)
         .collect();
-    let total = 2 * opts.repetitions;
+    // A zero count skips that measurement (reported as 0 tokens/s).
+    let (pp_reps, tg_reps) = (
+        if opts.prompt_tokens > 0 {
+            opts.repetitions
+        } else {
+            0
+        },
+        if opts.gen_tokens > 0 {
+            opts.repetitions
+        } else {
+            0
+        },
+    );
+    let total = pp_reps + tg_reps;
     let mut done = 0;
     let mut tick = |done: &mut usize| {
         *done += 1;
-        if progress(*done, total).is_break() { Err(Error::Cancelled) } else { Ok(()) }
+        if progress(*done, total).is_break() {
+            Err(Error::Cancelled)
+        } else {
+            Ok(())
+        }
     };
-    let mut pp = Vec::new();
+    let mut pp = vec![0.0];
     let mut cache = decoder.new_cache(opts.prompt_tokens.max(opts.gen_tokens + 1));
-    for _ in 0..opts.repetitions {
+    for _ in 0..pp_reps {
         cache.clear();
         let t = Instant::now();
         decoder.forward(&prompt, &mut cache, Logits::Last)?;
         pp.push(opts.prompt_tokens as f64 / t.elapsed().as_secs_f64());
         tick(&mut done)?;
     }
-    let mut tg = Vec::new();
-    for _ in 0..opts.repetitions {
+    let mut tg = vec![0.0];
+    for _ in 0..tg_reps {
         cache.clear();
         let mut tok = prompt[0];
         let t = Instant::now();
@@ -97,6 +122,6 @@ pub fn bench(
         gen_tokens: opts.gen_tokens,
         gen_tokens_per_s: median(tg),
         repetitions: opts.repetitions,
-        threads: rayon::current_num_threads(),
+        threads: decoder.threads(),
     })
 }

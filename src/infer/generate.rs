@@ -21,7 +21,11 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_tokens: 128, sampling: SamplingParams::default(), stop_at_end: true }
+        GenerateOptions {
+            max_tokens: 128,
+            sampling: SamplingParams::default(),
+            stop_at_end: true,
+        }
     }
 }
 
@@ -102,7 +106,11 @@ pub fn generate(
             break StopReason::Stopped;
         }
         if cache.len() >= capacity {
-            break if capacity == ctx { StopReason::ContextFull } else { StopReason::MaxTokens };
+            break if capacity == ctx {
+                StopReason::ContextFull
+            } else {
+                StopReason::MaxTokens
+            };
         }
         logits = decoder.forward(&[id], &mut cache, Logits::Last)?;
     };

@@ -6,7 +6,7 @@ mod generate;
 mod sample;
 mod score;
 
-pub use bench::{bench, BenchOptions, BenchResult};
-pub use generate::{generate, GenerateOptions, Generation, StopReason};
-pub use sample::{argmax, Sampler, SamplingParams};
-pub use score::{perplexity, Score};
+pub use bench::{BenchOptions, BenchResult, bench};
+pub use generate::{GenerateOptions, Generation, StopReason, generate};
+pub use sample::{Sampler, SamplingParams, argmax};
+pub use score::{Score, perplexity};

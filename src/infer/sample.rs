@@ -19,7 +19,12 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+            seed: 0,
+        }
     }
 }
 
@@ -33,7 +38,10 @@ impl SamplingParams {
             )));
         }
         if !(self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(crate::Error::Invalid(format!("--top-p must be in (0, 1], got {}", self.top_p)));
+            return Err(crate::Error::Invalid(format!(
+                "--top-p must be in (0, 1], got {}",
+                self.top_p
+            )));
         }
         Ok(())
     }
@@ -49,7 +57,11 @@ pub struct Sampler {
 impl Sampler {
     /// A sampler seeded from `params.seed`.
     pub fn new(params: SamplingParams) -> Self {
-        Sampler { params, rng: ChaCha8Rng::seed_from_u64(params.seed), candidates: Vec::new() }
+        Sampler {
+            params,
+            rng: ChaCha8Rng::seed_from_u64(params.seed),
+            candidates: Vec::new(),
+        }
     }
 
     /// Pick a token from one position's logits.
@@ -60,7 +72,11 @@ impl Sampler {
         let c = &mut self.candidates;
         c.clear();
         c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
-        let k = if self.params.top_k == 0 { c.len() } else { self.params.top_k.min(c.len()) };
+        let k = if self.params.top_k == 0 {
+            c.len()
+        } else {
+            self.params.top_k.min(c.len())
+        };
         if k < c.len() {
             c.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
             c.truncate(k);
@@ -120,7 +136,12 @@ mod tests {
 
     #[test]
     fn top_k_one_is_argmax_at_any_temperature() {
-        let mut s = Sampler::new(SamplingParams { temperature: 5.0, top_k: 1, top_p: 1.0, seed: 7 });
+        let mut s = Sampler::new(SamplingParams {
+            temperature: 5.0,
+            top_k: 1,
+            top_p: 1.0,
+            seed: 7,
+        });
         for _ in 0..50 {
             assert_eq!(s.sample(&[0.1, 3.0, 2.9, -1.0]), 1);
         }
@@ -130,7 +151,12 @@ mod tests {
     fn top_p_drops_the_tail_and_seed_reproduces() {
         // Probabilities ≈ 0.64, 0.24, 0.09, 0.03: top_p 0.8 keeps two tokens.
         let logits = [3.0, 2.0, 1.0, 0.0];
-        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.8, seed: 42 };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.8,
+            seed: 42,
+        };
         let mut a = Sampler::new(p);
         let draws: Vec<u32> = (0..400).map(|_| a.sample(&logits)).collect();
         assert!(draws.iter().all(|&t| t < 2));
@@ -142,9 +168,19 @@ mod tests {
 
     #[test]
     fn bad_parameters_are_named() {
-        let e = SamplingParams { top_p: 0.0, ..Default::default() }.validate().unwrap_err();
+        let e = SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
         assert!(e.to_string().contains("--top-p"));
-        let e = SamplingParams { temperature: -1.0, ..Default::default() }.validate().unwrap_err();
+        let e = SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        }
+        .validate()
+        .unwrap_err();
         assert!(e.to_string().contains("--temperature"));
     }
 }

@@ -41,10 +41,16 @@ pub fn perplexity(
     progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
 ) -> Result<Score> {
     if context < 2 {
-        return Err(Error::Invalid(format!("--context must be at least 2, got {context}")));
+        return Err(Error::Invalid(format!(
+            "--context must be at least 2, got {context}"
+        )));
     }
     let ids = tokenizer.encode(text, false)?;
-    let bos = if tokenizer.add_bos() { tokenizer.bos_id() } else { None };
+    let bos = if tokenizer.add_bos() {
+        tokenizer.bos_id()
+    } else {
+        None
+    };
     let windows: Vec<&[u32]> = ids.chunks(context).filter(|w| w.len() >= 2).collect();
     if windows.is_empty() {
         return Err(Error::Invalid(format!(

@@ -5,9 +5,9 @@
 //! every global one (the file's `rope.freq_base`). Norm weights in the GGUF
 //! already include Gemma's `1 +` offset (the converter adds it).
 
-use super::{hparam, Activation, DecoderSpec, LayerSpec, Rope, RopeKind, Tensors};
-use crate::gguf::GgufFile;
+use super::{Activation, DecoderSpec, LayerSpec, Rope, RopeKind, Tensors, hparam};
 use crate::Result;
+use crate::gguf::GgufFile;
 
 /// Every `SWA_PATTERN`-th layer attends globally; the others use the window
 /// (llama.cpp: `set_swa_pattern(6)` for gemma3; the GGUF has no key for it).

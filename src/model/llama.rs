@@ -1,9 +1,9 @@
 //! `llama` (SmolLM2 and kin): GQA, RoPE on adjacent pairs, SwiGLU, optionally
 //! tied embeddings.
 
-use super::{hparam, Activation, DecoderSpec, LayerSpec, Rope, RopeKind, Tensors};
-use crate::gguf::GgufFile;
+use super::{Activation, DecoderSpec, LayerSpec, Rope, RopeKind, Tensors, hparam};
 use crate::Result;
+use crate::gguf::GgufFile;
 
 pub(super) fn spec(file: &GgufFile) -> Result<DecoderSpec> {
     let a = "llama";
@@ -29,10 +29,16 @@ pub(super) fn spec(file: &GgufFile) -> Result<DecoderSpec> {
     let t = Tensors::new(file);
     let token_embd = t.table("token_embd.weight", n_embd)?;
     let n_vocab = token_embd.rows;
-    let output = t.opt("output.weight", &[n_embd, n_vocab])?.unwrap_or_else(|| token_embd.clone());
+    let output = t
+        .opt("output.weight", &[n_embd, n_vocab])?
+        .unwrap_or_else(|| token_embd.clone());
     let output_norm = t.get("output_norm.weight", &[n_embd])?;
     let kv = n_kv_head * head_dim;
-    let rope = Rope { kind: RopeKind::Adjacent, base: rope_base, dims: rope_dims };
+    let rope = Rope {
+        kind: RopeKind::Adjacent,
+        base: rope_base,
+        dims: rope_dims,
+    };
     let layers = (0..n_layer)
         .map(|i| {
             let n = |s: &str| format!("blk.{i}.{s}.weight");

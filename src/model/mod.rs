@@ -225,7 +225,10 @@ impl<'a> Tensors<'a> {
     /// A required tensor with exactly these GGML dims.
     pub(crate) fn get(&self, name: &str, dims: &[usize]) -> Result<Weight> {
         let t = self.file.tensor(name).ok_or_else(|| {
-            Error::Model(format!("{}: missing tensor `{name}`", self.file.path().display()))
+            Error::Model(format!(
+                "{}: missing tensor `{name}`",
+                self.file.path().display()
+            ))
         })?;
         let got: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
         if got != dims {
@@ -240,7 +243,11 @@ impl<'a> Tensors<'a> {
     /// A required 2-D table with rows of `cols` elements and any number of
     /// rows (token embeddings).
     pub(crate) fn table(&self, name: &str, cols: usize) -> Result<Weight> {
-        let rows = self.file.tensor(name).and_then(|t| t.dims.get(1).copied()).unwrap_or(0);
+        let rows = self
+            .file
+            .tensor(name)
+            .and_then(|t| t.dims.get(1).copied())
+            .unwrap_or(0);
         self.get(name, &[cols, rows as usize])
     }
 

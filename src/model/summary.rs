@@ -50,7 +50,9 @@ impl ModelSummary {
         if let Some(a) = &arch {
             let prefix = format!("{a}.");
             for (k, v) in file.metadata() {
-                let Some(short) = k.strip_prefix(&prefix) else { continue };
+                let Some(short) = k.strip_prefix(&prefix) else {
+                    continue;
+                };
                 let j = match v {
                     Value::F32(_) | Value::F64(_) => v.as_f32().map(|f| serde_json::json!(f)),
                     Value::Bool(b) => Some(serde_json::json!(b)),
@@ -71,9 +73,15 @@ impl ModelSummary {
             parameters += t.dims.iter().product::<u64>();
         }
         let check = match arch.as_deref() {
-            Some("llama") => super::llama::spec(file).and_then(|s| s.validate(file)).map_err(|e| e.to_string()),
-            Some("gemma3") => super::gemma3::spec(file).and_then(|s| s.validate(file)).map_err(|e| e.to_string()),
-            Some(a) => Err(format!("architecture `{a}` is not supported (supported: llama, gemma3)")),
+            Some("llama") => super::llama::spec(file)
+                .and_then(|s| s.validate(file))
+                .map_err(|e| e.to_string()),
+            Some("gemma3") => super::gemma3::spec(file)
+                .and_then(|s| s.validate(file))
+                .map_err(|e| e.to_string()),
+            Some(a) => Err(format!(
+                "architecture `{a}` is not supported (supported: llama, gemma3)"
+            )),
             None => Err("no general.architecture".into()),
         };
         ModelSummary {

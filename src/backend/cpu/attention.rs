@@ -31,34 +31,36 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: &AttnShape, ou
     let kv_row = s.n_kv_head * d;
     let group = s.n_head / s.n_kv_head;
     // One task per (token, head): each owns a head-sized slice of `out`.
-    out.par_chunks_mut(d).enumerate().for_each_init(Vec::new, |scores, (i, o)| {
-        let (t, h) = (i / s.n_head, i % s.n_head);
-        let pos = pos0 + t;
-        let lo = s.window.map_or(0, |w| (pos + 1).saturating_sub(w));
-        let qh = &q[t * q_row + h * d..][..d];
-        let off = (h / group) * d;
-        scores.clear();
-        let mut max = f32::NEG_INFINITY;
-        for j in lo..=pos {
-            let kj = &k[j * kv_row + off..][..d];
-            let sc = dot(qh, kj) * s.scale;
-            max = max.max(sc);
-            scores.push(sc);
-        }
-        let mut sum = 0.0f32;
-        for sc in scores.iter_mut() {
-            *sc = (*sc - max).exp();
-            sum += *sc;
-        }
-        o.fill(0.0);
-        for (j, &p) in (lo..=pos).zip(scores.iter()) {
-            let vj = &v[j * kv_row + off..][..d];
-            let w = p / sum;
-            for (a, &b) in o.iter_mut().zip(vj) {
-                *a += w * b;
+    out.par_chunks_mut(d)
+        .enumerate()
+        .for_each_init(Vec::new, |scores, (i, o)| {
+            let (t, h) = (i / s.n_head, i % s.n_head);
+            let pos = pos0 + t;
+            let lo = s.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let qh = &q[t * q_row + h * d..][..d];
+            let off = (h / group) * d;
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for j in lo..=pos {
+                let kj = &k[j * kv_row + off..][..d];
+                let sc = dot(qh, kj) * s.scale;
+                max = max.max(sc);
+                scores.push(sc);
             }
-        }
-    });
+            let mut sum = 0.0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            o.fill(0.0);
+            for (j, &p) in (lo..=pos).zip(scores.iter()) {
+                let vj = &v[j * kv_row + off..][..d];
+                let w = p / sum;
+                for (a, &b) in o.iter_mut().zip(vj) {
+                    *a += w * b;
+                }
+            }
+        });
 }
 
 /// Dot product with several accumulators so it vectorizes.
@@ -99,7 +101,10 @@ mod tests {
                             return f64::NEG_INFINITY;
                         }
                         (0..d)
-                            .map(|c| q[(t * s.n_head + h) * d + c] as f64 * k[(j * s.n_kv_head + g) * d + c] as f64)
+                            .map(|c| {
+                                q[(t * s.n_head + h) * d + c] as f64
+                                    * k[(j * s.n_kv_head + g) * d + c] as f64
+                            })
                             .sum::<f64>()
                             * s.scale as f64
                     })
@@ -108,8 +113,9 @@ mod tests {
                 let z: f64 = w.iter().map(|x| (x - m).exp()).sum();
                 w.iter_mut().for_each(|x| *x = (*x - m).exp() / z);
                 for c in 0..d {
-                    out[(t * s.n_head + h) * d + c] =
-                        (0..=i).map(|j| w[j] * v[(j * s.n_kv_head + g) * d + c] as f64).sum::<f64>() as f32;
+                    out[(t * s.n_head + h) * d + c] = (0..=i)
+                        .map(|j| w[j] * v[(j * s.n_kv_head + g) * d + c] as f64)
+                        .sum::<f64>() as f32;
                 }
             }
         }
@@ -119,7 +125,13 @@ mod tests {
     #[test]
     fn matches_reference_with_gqa_window_and_offset() {
         for window in [None, Some(3)] {
-            let s = AttnShape { n_head: 4, n_kv_head: 2, head_dim: 10, scale: 0.3, window };
+            let s = AttnShape {
+                n_head: 4,
+                n_kv_head: 2,
+                head_dim: 10,
+                scale: 0.3,
+                window,
+            };
             let (pos0, n_tok) = (2, 5);
             let n_ctx = pos0 + n_tok;
             let f = |i: usize, m: usize| ((i * m % 101) as f32 / 50.0) - 1.0;

@@ -2,11 +2,12 @@
 //! logits, with a KV cache. Weights are read from the memory map and decoded
 //! per band or per row; only norm vectors (a few KB) are kept as f32.
 
-use super::attention::{attention, AttnShape};
-use super::matmul::{matmul, QMatrix};
+use super::attention::{AttnShape, attention};
+use super::matmul::{MatvecMode, QMatrix, matmul_with};
 use super::ops::{add_assign, gated_activation, rms_norm, rope};
 use crate::model::{DecoderSpec, Model, Weight};
 use crate::{Error, Result};
+use std::sync::Arc;
 
 /// Keys and values of every layer for the tokens seen so far.
 pub struct KvCache {
@@ -73,6 +74,21 @@ pub struct CpuDecoder<'m> {
     model: &'m Model,
     norms: Vec<LayerNorms>,
     output_norm: Vec<f32>,
+    matvec: MatvecMode,
+    /// The decoder's own workers. Every pass runs inside `pool.install`, so
+    /// the calling thread works too and the many small parallel loops of a
+    /// single-token step do not each hand off to another thread and sleep.
+    pool: Arc<rayon::ThreadPool>,
+}
+
+/// A thread pool of `threads` workers (`0`: one per core).
+fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("edgetune-cpu-{i}"))
+        .build()
+        .map(Arc::new)
+        .map_err(|e| Error::Invalid(format!("cannot start {threads} CPU worker threads: {e}")))
 }
 
 impl<'m> CpuDecoder<'m> {
@@ -95,7 +111,35 @@ impl<'m> CpuDecoder<'m> {
             })
             .collect::<Result<Vec<_>>>()?;
         let output_norm = model.vector(&model.spec().output_norm)?;
-        Ok(CpuDecoder { model, norms, output_norm })
+        Ok(CpuDecoder {
+            model,
+            norms,
+            output_norm,
+            matvec: MatvecMode::Exact,
+            pool: thread_pool(0)?,
+        })
+    }
+
+    /// Compute single-token products (generation) as `mode` says; prompts and
+    /// scoring always use the exact GEMM path.
+    pub fn with_matvec(mut self, mode: MatvecMode) -> Self {
+        self.matvec = mode;
+        self
+    }
+
+    /// Run on `threads` worker threads (`0`: one per core).
+    pub fn with_threads(mut self, threads: usize) -> Result<Self> {
+        self.pool = thread_pool(threads)?;
+        Ok(self)
+    }
+
+    /// Worker threads.
+    pub fn threads(&self) -> usize {
+        self.pool.current_num_threads()
+    }
+
+    fn matmul(&self, x: &[f32], w: &'m Weight, out: &mut [f32]) {
+        matmul_with(x, &self.qmatrix(w), out, self.matvec);
     }
 
     /// The model's description.
@@ -118,7 +162,8 @@ impl<'m> CpuDecoder<'m> {
     }
 
     fn qmatrix(&self, w: &'m Weight) -> QMatrix<'m> {
-        QMatrix::new(w.ty, w.rows, w.cols, self.model.data(w)).expect("weight shape validated at load")
+        QMatrix::new(w.ty, w.rows, w.cols, self.model.data(w))
+            .expect("weight shape validated at load")
     }
 
     /// Token embeddings (scaled where the architecture says so): `(n_tok, n_embd)`.
@@ -144,6 +189,10 @@ impl<'m> CpuDecoder<'m> {
     /// Run `tokens` at the positions after those in `cache`, append their keys
     /// and values, and return the final-norm hidden states `(n_tok, n_embd)`.
     pub fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+        self.pool.install(|| self.run_layers(tokens, cache))
+    }
+
+    fn run_layers(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         let s = self.spec();
         let n = tokens.len();
         let pos0 = cache.len;
@@ -165,15 +214,15 @@ impl<'m> CpuDecoder<'m> {
         for (li, (l, norms)) in s.layers.iter().zip(&self.norms).enumerate() {
             h.copy_from_slice(&x);
             rms_norm(&mut h, &norms.attn, s.norm_eps);
-            matmul(&h, &self.qmatrix(&l.wq), &mut q);
+            self.matmul(&h, &l.wq, &mut q);
             let kc = &mut cache.k[li][pos0 * kv_dim..(pos0 + n) * kv_dim];
-            matmul(&h, &self.qmatrix(&l.wk), kc);
+            self.matmul(&h, &l.wk, kc);
             if let Some(w) = &norms.k {
                 rms_norm(kc, w, s.norm_eps);
             }
             rope(kc, n, d, pos0, &l.rope);
             let vc = &mut cache.v[li][pos0 * kv_dim..(pos0 + n) * kv_dim];
-            matmul(&h, &self.qmatrix(&l.wv), vc);
+            self.matmul(&h, &l.wv, vc);
             if let Some(w) = &norms.q {
                 rms_norm(&mut q, w, s.norm_eps);
             }
@@ -186,7 +235,7 @@ impl<'m> CpuDecoder<'m> {
                 window: l.window,
             };
             attention(&q, &cache.k[li], &cache.v[li], pos0, &shape, &mut att);
-            matmul(&att, &self.qmatrix(&l.wo), &mut o);
+            self.matmul(&att, &l.wo, &mut o);
             if let Some(w) = &norms.post_attn {
                 rms_norm(&mut o, w, s.norm_eps);
             }
@@ -194,10 +243,10 @@ impl<'m> CpuDecoder<'m> {
 
             h.copy_from_slice(&x);
             rms_norm(&mut h, &norms.ffn, s.norm_eps);
-            matmul(&h, &self.qmatrix(&l.w_gate), &mut gate);
-            matmul(&h, &self.qmatrix(&l.w_up), &mut up);
+            self.matmul(&h, &l.w_gate, &mut gate);
+            self.matmul(&h, &l.w_up, &mut up);
             gated_activation(&mut gate, &up, s.activation);
-            matmul(&gate, &self.qmatrix(&l.w_down), &mut o);
+            self.matmul(&gate, &l.w_down, &mut o);
             if let Some(w) = &norms.post_ffn {
                 rms_norm(&mut o, w, s.norm_eps);
             }
@@ -213,7 +262,8 @@ impl<'m> CpuDecoder<'m> {
         let s = self.spec();
         let n = hidden.len() / s.n_embd;
         let mut out = vec![0.0; n * s.n_vocab];
-        matmul(hidden, &self.qmatrix(&s.output), &mut out);
+        self.pool
+            .install(|| self.matmul(hidden, &s.output, &mut out));
         out
     }
 

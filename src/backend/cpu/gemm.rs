@@ -21,7 +21,10 @@ pub fn gemm_nt(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(lda >= k && ldb >= k && ldc >= n, "gemm_nt: strides smaller than the rows");
+    assert!(
+        lda >= k && ldb >= k && ldc >= n,
+        "gemm_nt: strides smaller than the rows"
+    );
     assert!(a.len() >= (m - 1) * lda + k, "gemm_nt: A too short");
     assert!(b.len() >= (n - 1) * ldb + k, "gemm_nt: B too short");
     assert!(c.len() >= (m - 1) * ldc + n, "gemm_nt: C too short");
@@ -70,9 +73,15 @@ pub fn gemm_nn(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(lda >= k && ldb >= n && ldc >= n, "gemm_nn: strides smaller than the rows");
+    assert!(
+        lda >= k && ldb >= n && ldc >= n,
+        "gemm_nn: strides smaller than the rows"
+    );
     assert!(a.len() >= (m - 1) * lda + k, "gemm_nn: A too short");
-    assert!(k == 0 || b.len() >= (k - 1) * ldb + n, "gemm_nn: B too short");
+    assert!(
+        k == 0 || b.len() >= (k - 1) * ldb + n,
+        "gemm_nn: B too short"
+    );
     assert!(c.len() >= (m - 1) * ldc + n, "gemm_nn: C too short");
     // SAFETY: bounds checked above: B(k,j) at k·ldb + j.
     unsafe {
@@ -104,7 +113,13 @@ pub fn gemm_nn(
 mod tests {
     use super::*;
 
-    fn naive(m: usize, n: usize, k: usize, a: &[f32], b_at: impl Fn(usize, usize) -> f32) -> Vec<f32> {
+    fn naive(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: &[f32],
+        b_at: impl Fn(usize, usize) -> f32,
+    ) -> Vec<f32> {
         let mut c = vec![0.0; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -117,8 +132,12 @@ mod tests {
     #[test]
     fn both_layouts_match_a_naive_product() {
         let (m, n, k) = (7, 13, 37);
-        let a: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5).collect();
-        let b: Vec<f32> = (0..n * k).map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.5).collect();
+        let a: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
+            .collect();
+        let b: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.5)
+            .collect();
         // B as n rows of k (transposed use).
         let want = naive(m, n, k, &a, |p, j| b[j * k + p]);
         let mut c = vec![0.0; m * n];

@@ -9,3 +9,4 @@ pub mod matmul;
 pub mod ops;
 
 pub use decoder::{CpuDecoder, KvCache, Logits};
+pub use matmul::MatvecMode;

@@ -96,13 +96,20 @@ mod tests {
 
     #[test]
     fn rope_rotates_the_right_pairs_and_keeps_norms() {
-        let r = Rope { kind: RopeKind::Adjacent, base: 10000.0, dims: 4 };
+        let r = Rope {
+            kind: RopeKind::Adjacent,
+            base: 10000.0,
+            dims: 4,
+        };
         let mut x = vec![1.0, 0.0, 1.0, 0.0];
         rope(&mut x, 1, 4, 1, &r);
         // pair 0 rotates by 1 rad, pair 1 by 1e-2 rad.
         assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[1] - 1f32.sin()).abs() < 1e-6);
         assert!((x[2] - 0.01f32.cos()).abs() < 1e-6 && (x[3] - 0.01f32.sin()).abs() < 1e-6);
-        let r = Rope { kind: RopeKind::Halves, ..r };
+        let r = Rope {
+            kind: RopeKind::Halves,
+            ..r
+        };
         let mut x = vec![1.0, 1.0, 0.0, 0.0];
         rope(&mut x, 1, 4, 1, &r);
         assert!((x[0] - 1f32.cos()).abs() < 1e-6 && (x[2] - 1f32.sin()).abs() < 1e-6);
