@@ -305,7 +305,7 @@ impl DecoderSpec {
     }
 
     fn validate(&self, file: &GgufFile) -> Result<()> {
-        if self.head_dim % 2 != 0 || self.n_kv_head == 0 || self.n_head % self.n_kv_head != 0 {
+        if !self.head_dim.is_multiple_of(2) || self.n_kv_head == 0 || !self.n_head.is_multiple_of(self.n_kv_head) {
             return Err(Error::Model(format!(
                 "{}: {} heads of dimension {} cannot share {} key/value heads",
                 file.path().display(),
@@ -315,7 +315,7 @@ impl DecoderSpec {
             )));
         }
         for l in &self.layers {
-            if l.rope.dims > self.head_dim || l.rope.dims % 2 != 0 {
+            if l.rope.dims > self.head_dim || !l.rope.dims.is_multiple_of(2) {
                 return Err(Error::Model(format!(
                     "{}: rope dimension count {} does not fit head dimension {}",
                     file.path().display(),
