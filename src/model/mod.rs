@@ -305,7 +305,10 @@ impl DecoderSpec {
     }
 
     fn validate(&self, file: &GgufFile) -> Result<()> {
-        if !self.head_dim.is_multiple_of(2) || self.n_kv_head == 0 || !self.n_head.is_multiple_of(self.n_kv_head) {
+        if !self.head_dim.is_multiple_of(2)
+            || self.n_kv_head == 0
+            || !self.n_head.is_multiple_of(self.n_kv_head)
+        {
             return Err(Error::Model(format!(
                 "{}: {} heads of dimension {} cannot share {} key/value heads",
                 file.path().display(),
