@@ -49,12 +49,9 @@ pub enum Device {
     Cpu,
 }
 
-/// Options every model command takes.
+/// Where and how a model runs.
 #[derive(Args, Clone)]
-pub struct ModelArgs {
-    /// GGUF model file [default: models/SmolLM2-135M-Instruct.Q4_1.gguf, or $EDGETUNE_MODEL]
-    #[arg(value_name = "MODEL")]
-    pub model: Option<PathBuf>,
+pub struct RunArgs {
     /// Device to run on.
     #[arg(long, value_enum, default_value = "auto")]
     pub device: Device,
@@ -63,36 +60,58 @@ pub struct ModelArgs {
     pub threads: usize,
 }
 
-impl ModelArgs {
+impl RunArgs {
     /// The decoder for `model` on the chosen device and threads.
     pub fn decoder<'m>(&self, model: &'m Model) -> Result<CpuDecoder<'m>, Error> {
         match self.device {
             Device::Auto | Device::Cpu => CpuDecoder::new(model)?.with_threads(self.threads),
         }
     }
+}
 
-    /// The model path: the argument, `$EDGETUNE_MODEL`, or the default model
-    /// in `models/` (next to the working directory or the source tree).
+/// Options every model command takes.
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// GGUF model file [default: models/SmolLM2-135M-Instruct.Q4_1.gguf, or $EDGETUNE_MODEL]
+    #[arg(value_name = "MODEL")]
+    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+impl ModelArgs {
+    /// The model path (see [`model_path`]).
     pub fn path(&self) -> Result<PathBuf, Error> {
-        if let Some(p) = &self.model {
-            return Ok(p.clone());
-        }
-        if let Some(p) = std::env::var_os("EDGETUNE_MODEL") {
-            return Ok(PathBuf::from(p));
-        }
-        let candidates = [
-            Path::new("models").join(DEFAULT_MODEL),
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("models")
-                .join(DEFAULT_MODEL),
-        ];
-        candidates.iter().find(|p| p.exists()).cloned().ok_or_else(|| {
-            Error::Invalid(format!(
-                "no MODEL given and the default model is not at {}: run `models/fetch` first, or pass a GGUF file",
-                candidates[0].display()
-            ))
-        })
+        model_path(self.model.as_deref())
     }
+
+    /// The decoder for `model` on the chosen device and threads.
+    pub fn decoder<'m>(&self, model: &'m Model) -> Result<CpuDecoder<'m>, Error> {
+        self.run.decoder(model)
+    }
+}
+
+/// The model path: `given`, `$EDGETUNE_MODEL`, or the default model in
+/// `models/` (under the working directory or the source tree).
+pub fn model_path(given: Option<&Path>) -> Result<PathBuf, Error> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    if let Some(p) = std::env::var_os("EDGETUNE_MODEL") {
+        return Ok(PathBuf::from(p));
+    }
+    let candidates = [
+        Path::new("models").join(DEFAULT_MODEL),
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("models")
+            .join(DEFAULT_MODEL),
+    ];
+    candidates.iter().find(|p| p.exists()).cloned().ok_or_else(|| {
+        Error::Invalid(format!(
+            "no MODEL given and the default model is not at {}: run `models/fetch` first, or pass a GGUF file",
+            candidates[0].display()
+        ))
+    })
 }
 
 /// Parse arguments, run the command, and turn errors into messages and exit codes.

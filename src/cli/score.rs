@@ -1,6 +1,6 @@
 //! `edgetune score`.
 
-use super::{ModelArgs, print_json, progress_bar};
+use super::{RunArgs, model_path, print_json, progress_bar};
 use clap::Args;
 use edgetune::Error;
 use edgetune::infer::perplexity;
@@ -12,11 +12,12 @@ use std::path::PathBuf;
 /// Arguments of `score`.
 #[derive(Args)]
 pub struct ScoreArgs {
+    /// [MODEL] FILE: the GGUF model (default: models/SmolLM2-135M-Instruct.Q4_1.gguf,
+    /// or $EDGETUNE_MODEL) and the UTF-8 text file to score.
+    #[arg(value_name = "PATH", num_args = 1..=2, required = true)]
+    paths: Vec<PathBuf>,
     #[command(flatten)]
-    model: ModelArgs,
-    /// UTF-8 text file to score.
-    #[arg(value_name = "FILE")]
-    file: PathBuf,
+    run: RunArgs,
     /// Window length in text tokens; windows are scored independently.
     #[arg(long, default_value_t = 512)]
     context: usize,
@@ -26,15 +27,16 @@ pub struct ScoreArgs {
 }
 
 pub fn run(a: ScoreArgs) -> Result<(), Error> {
-    // Both positional: with one path, it is the FILE and the model is the default.
-    let (model_path, file) = match a.model.model.clone() {
-        Some(m) => (m, a.file.clone()),
-        None => (a.model.path()?, a.file.clone()),
+    // With one path it is the FILE, and the model is the default.
+    let (model, file) = match a.paths.as_slice() {
+        [file] => (model_path(None)?, file.clone()),
+        [model, file] => (model.clone(), file.clone()),
+        _ => unreachable!("clap takes one or two paths"),
     };
     let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
-    let model = Model::open(model_path)?;
+    let model = Model::open(model)?;
     let tokenizer = Tokenizer::from_gguf(model.file())?;
-    let decoder = a.model.decoder(&model)?;
+    let decoder = a.run.decoder(&model)?;
     let pb = progress_bar(0, "scoring");
     let s = perplexity(
         &decoder,
