@@ -162,3 +162,19 @@ fn gemma3_perplexity_matches_reference() {
         check_perplexity(&m, &reference("gemma-3-270m.json"));
     }
 }
+
+#[test]
+fn scoring_is_cancelled_by_its_progress_callback() {
+    let Some(m) = open("SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let tok = Tokenizer::from_gguf(m.file()).unwrap();
+    let dec = CpuDecoder::new(&m).unwrap();
+    let text = std::fs::read_to_string(root().join("tests/reference/texts/mpl-2.0-head.txt")).unwrap();
+    let mut calls = 0;
+    let r = perplexity(&dec, &tok, &text, 64, &mut |done, total| {
+        calls += 1;
+        assert!(done <= total && total > 1);
+        ControlFlow::Break(())
+    });
+    assert!(matches!(r, Err(edgetune::Error::Cancelled)), "{:?}", r.map(|s| s.nll));
+    assert_eq!(calls, 1, "stops after the first window");
+}
