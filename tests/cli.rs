@@ -1,5 +1,7 @@
 //! The `edgetune` binary: help, JSON output, errors and exit codes.
 
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -25,13 +27,7 @@ fn stderr(o: &Output) -> String {
 }
 
 fn model(file: &str) -> Option<String> {
-    let p = root().join("models").join(file);
-    if p.exists() {
-        Some(p.display().to_string())
-    } else {
-        eprintln!("skipping: {} is absent (run models/fetch all)", p.display());
-        None
-    }
+    common::model_file(file).map(|p| p.display().to_string())
 }
 
 #[test]

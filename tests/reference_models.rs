@@ -5,6 +5,8 @@
 //! Each model is skipped with a message when its file is absent; `.ci/run`
 //! fetches both (`models/fetch all`), so CI runs everything.
 
+mod common;
+
 use edgetune::backend::cpu::{CpuDecoder, Logits};
 use edgetune::infer::{argmax, perplexity};
 use edgetune::model::Model;
@@ -23,12 +25,7 @@ fn reference(name: &str) -> Value {
 }
 
 fn open(file: &str) -> Option<Model> {
-    let p = root().join("models").join(file);
-    if !p.exists() {
-        eprintln!("skipping: {} is absent (run models/fetch all)", p.display());
-        return None;
-    }
-    Some(Model::open(&p).unwrap())
+    common::model_file(file).map(|p| Model::open(p).unwrap())
 }
 
 fn ids(v: &Value) -> Vec<u32> {
@@ -165,16 +162,23 @@ fn gemma3_perplexity_matches_reference() {
 
 #[test]
 fn scoring_is_cancelled_by_its_progress_callback() {
-    let Some(m) = open("SmolLM2-135M-Instruct.Q4_1.gguf") else { return };
+    let Some(m) = open("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
     let tok = Tokenizer::from_gguf(m.file()).unwrap();
     let dec = CpuDecoder::new(&m).unwrap();
-    let text = std::fs::read_to_string(root().join("tests/reference/texts/mpl-2.0-head.txt")).unwrap();
+    let text =
+        std::fs::read_to_string(root().join("tests/reference/texts/mpl-2.0-head.txt")).unwrap();
     let mut calls = 0;
     let r = perplexity(&dec, &tok, &text, 64, &mut |done, total| {
         calls += 1;
         assert!(done <= total && total > 1);
         ControlFlow::Break(())
     });
-    assert!(matches!(r, Err(edgetune::Error::Cancelled)), "{:?}", r.map(|s| s.nll));
+    assert!(
+        matches!(r, Err(edgetune::Error::Cancelled)),
+        "{:?}",
+        r.map(|s| s.nll)
+    );
     assert_eq!(calls, 1, "stops after the first window");
 }

@@ -2,7 +2,7 @@
 //! run by the CPU backend and checked against a naive f64 forward pass
 //! written here from the formulas, and batched against incremental decoding.
 
-use edgetune::backend::cpu::{CpuDecoder, Logits};
+use edgetune::backend::cpu::{CpuDecoder, Logits, MatvecMode};
 use edgetune::gguf::{GgufWriter, Value};
 use edgetune::model::Model;
 use edgetune::quant::{self, GgmlType};
@@ -278,6 +278,21 @@ fn check(c: Cfg) {
     // Batched: all positions in one pass (the GEMM path).
     let mut cache = dec.new_cache(16);
     let all = dec.forward(&tokens, &mut cache, Logits::All).unwrap();
+    // Two batches: 5 tokens, then 6 more after them (the GEMM path with a
+    // non-empty cache).
+    let mut cache3 = dec.new_cache(16);
+    dec.forward(&tokens[..5], &mut cache3, Logits::All).unwrap();
+    let rest = dec.forward(&tokens[5..], &mut cache3, Logits::All).unwrap();
+    for (i, p) in (5..tokens.len()).enumerate() {
+        for v in 0..c.n_vocab {
+            let (a, n) = (rest[i * c.n_vocab + v] as f64, want[p][v]);
+            assert!(
+                (a - n).abs() < 2e-3 * (1.0 + n.abs()),
+                "{} second batch pos {p}: {a} vs {n}",
+                c.arch
+            );
+        }
+    }
     // Incremental: one token at a time through the cache (the dot-product path).
     let mut cache2 = dec.new_cache(16);
     for (p, &tok) in tokens.iter().enumerate() {
@@ -391,4 +406,39 @@ fn missing_tensor_is_named() {
         .err()
         .expect("a model without layers must not open");
     assert!(e.to_string().contains("output_norm.weight"), "{e}");
+}
+
+#[test]
+fn fast_matvec_stays_close_to_exact_decoding() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    let c = Cfg {
+        arch: "llama",
+        n_embd: 64,
+        n_head: 4,
+        n_kv: 2,
+        head_dim: 16,
+        n_ff: 96,
+        n_vocab: 50,
+        n_layer: 2,
+        window: 0,
+        ty: GgmlType::Q4_1,
+    };
+    write_model(&c, &path);
+    let model = Model::open(&path).unwrap();
+    let exact = CpuDecoder::new(&model).unwrap().with_threads(1).unwrap();
+    let fast = CpuDecoder::new(&model).unwrap().with_matvec(MatvecMode::Q8);
+    let (mut c1, mut c2) = (exact.new_cache(8), fast.new_cache(8));
+    let mut differs = false;
+    for tok in [3u32, 17, 42, 8] {
+        let a = exact.forward(&[tok], &mut c1, Logits::Last).unwrap();
+        let b = fast.forward(&[tok], &mut c2, Logits::Last).unwrap();
+        let range = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        for (x, y) in a.iter().zip(&b) {
+            // 8-bit activations in a random (untrained) model: a few % of the range.
+            assert!((x - y).abs() < 0.05 * range, "{x} vs {y} (range {range})");
+            differs |= x != y;
+        }
+    }
+    assert!(differs, "Q8 mode must take the 8-bit path");
 }

@@ -6,8 +6,10 @@
 //! rendered with the model's own template), `decode(encode(text)) == text`,
 //! and the token count of `texts/mpl-2.0-head.txt`.
 //!
-//! The reference directory is `../shared/reference` beside the crate, or
-//! `$EDGETUNE_REFERENCE_DIR`; without either, the copy in `tests/reference`.
+//! The reference directory is `$EDGETUNE_REFERENCE_DIR`, else the copy in
+//! `tests/reference`.
+
+mod common;
 
 use edgetune::gguf::GgufFile;
 use edgetune::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
@@ -18,13 +20,10 @@ fn reference_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("EDGETUNE_REFERENCE_DIR") {
         return Some(PathBuf::from(dir));
     }
-    [
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/reference"),
-        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference"),
-    ]
-    .into_iter()
-    .map(PathBuf::from)
-    .find(|p| p.join("prompts.json").exists())
+    [concat!(env!("CARGO_MANIFEST_DIR"), "/tests/reference")]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.join("prompts.json").exists())
 }
 
 fn read_json(path: PathBuf) -> Value {
@@ -42,16 +41,7 @@ fn ids(v: &Value) -> Vec<u32> {
 
 /// The model file and its tokenizer, or `None` (with a message) when absent.
 fn open(file: &str) -> Option<(GgufFile, Tokenizer)> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("models")
-        .join(file);
-    if !path.exists() {
-        eprintln!(
-            "skipping: {} is absent (run models/fetch all)",
-            path.display()
-        );
-        return None;
-    }
+    let path = common::model_file(file)?;
     let gguf = GgufFile::open(&path).unwrap();
     let tok = Tokenizer::from_gguf(&gguf).unwrap();
     Some((gguf, tok))

@@ -1,12 +1,11 @@
 //! `edgetune bench`.
 
-use super::{ModelArgs, print_json, progress_bar};
+use super::{ModelArgs, keep_going, print_json, progress_bar};
 use clap::Args;
 use edgetune::Error;
 use edgetune::backend::cpu::MatvecMode;
 use edgetune::infer::{BenchOptions, bench};
 use edgetune::model::Model;
-use std::ops::ControlFlow;
 use std::time::Instant;
 
 /// Arguments of `bench`.
@@ -42,7 +41,7 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
     let pb = progress_bar(3 * a.repetitions, "benchmarking");
     let r = bench(&decoder, opts, &mut |done, _| {
         pb.set_position(done as u64);
-        ControlFlow::Continue(())
+        keep_going()
     })?;
     let fast = a.model.decoder(&model)?.with_matvec(MatvecMode::Q8);
     let q8 = bench(
@@ -53,7 +52,7 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
         },
         &mut |done, _| {
             pb.set_position((a.repetitions + done) as u64);
-            ControlFlow::Continue(())
+            keep_going()
         },
     )?;
     pb.finish_and_clear();

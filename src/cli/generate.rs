@@ -1,6 +1,6 @@
 //! `edgetune generate`.
 
-use super::{ModelArgs, print_json};
+use super::{ModelArgs, interrupted, keep_going, print_json};
 use clap::Args;
 use edgetune::Error;
 use edgetune::backend::cpu::MatvecMode;
@@ -22,8 +22,8 @@ pub struct GenerateArgs {
     /// Treat the prompt as a user message and render it with the chat template.
     #[arg(long)]
     chat: bool,
-    /// A system message (with --chat).
-    #[arg(long, requires = "chat")]
+    /// A system message (implies --chat).
+    #[arg(long)]
     system: Option<String>,
     /// A Jinja chat template file, for models without one (implies --chat).
     #[arg(long, value_name = "FILE")]
@@ -55,7 +55,7 @@ pub struct GenerateArgs {
 pub fn run(a: GenerateArgs) -> Result<(), Error> {
     let model = Model::open(a.model.path()?)?;
     let tokenizer = Tokenizer::from_gguf(model.file())?;
-    let prompt = if a.chat || a.chat_template.is_some() {
+    let prompt = if a.chat || a.chat_template.is_some() || a.system.is_some() {
         let template =
             ChatTemplate::for_model(model.file(), &tokenizer, a.chat_template.as_deref())?;
         let mut messages = Vec::new();
@@ -103,7 +103,7 @@ pub fn run(a: GenerateArgs) -> Result<(), Error> {
                 return ControlFlow::Break(());
             }
         }
-        ControlFlow::Continue(())
+        keep_going()
     })?;
     let prompt_tps = g.prompt_tokens as f64 / g.prompt_seconds;
     let gen_tps = g.tokens.len() as f64 / g.generate_seconds.max(1e-9);
@@ -118,6 +118,9 @@ pub fn run(a: GenerateArgs) -> Result<(), Error> {
         }));
     }
     let _ = writeln!(stdout);
+    if interrupted() {
+        return Err(Error::Cancelled);
+    }
     eprintln!(
         "[{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s, stop: {:?}]",
         g.prompt_tokens,

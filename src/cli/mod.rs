@@ -9,8 +9,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use edgetune::Error;
 use edgetune::backend::cpu::CpuDecoder;
 use edgetune::model::Model;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The model `models/fetch` downloads and every command uses by default.
 pub const DEFAULT_MODEL: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -114,9 +116,33 @@ pub fn model_path(given: Option<&Path>) -> Result<PathBuf, Error> {
     })
 }
 
+/// Set by Ctrl-C; long-running commands poll it from their progress callbacks
+/// and stop cleanly (the library returns `Error::Cancelled`).
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether the user pressed Ctrl-C.
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::Relaxed)
+}
+
+/// `Break` once the user pressed Ctrl-C: the shape progress callbacks return.
+pub fn keep_going() -> ControlFlow<()> {
+    if interrupted() {
+        ControlFlow::Break(())
+    } else {
+        ControlFlow::Continue(())
+    }
+}
+
 /// Parse arguments, run the command, and turn errors into messages and exit codes.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // A second Ctrl-C while stopping is not caught again: the default applies.
+    let _ = ctrlc::set_handler(|| {
+        if INTERRUPTED.swap(true, Ordering::Relaxed) {
+            std::process::exit(EXIT_CANCELLED.into());
+        }
+    });
     let result = match cli.command {
         Command::Info(a) => info::run(a),
         Command::Generate(a) => generate::run(a),

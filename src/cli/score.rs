@@ -1,12 +1,11 @@
 //! `edgetune score`.
 
-use super::{RunArgs, model_path, print_json, progress_bar};
+use super::{RunArgs, keep_going, model_path, print_json, progress_bar};
 use clap::Args;
 use edgetune::Error;
 use edgetune::infer::perplexity;
 use edgetune::model::Model;
 use edgetune::tokenizer::Tokenizer;
-use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 /// Arguments of `score`.
@@ -46,10 +45,11 @@ pub fn run(a: ScoreArgs) -> Result<(), Error> {
         &mut |done, total| {
             pb.set_length(total as u64);
             pb.set_position(done as u64);
-            ControlFlow::Continue(())
+            keep_going()
         },
-    )?;
+    );
     pb.finish_and_clear();
+    let s = s?;
     if a.json {
         return print_json(&serde_json::json!({
             "tokens": s.text_tokens,

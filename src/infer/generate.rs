@@ -80,7 +80,7 @@ pub fn generate(
             prompt.len()
         )));
     }
-    let capacity = (prompt.len() + opts.max_tokens).min(ctx);
+    let capacity = prompt.len().saturating_add(opts.max_tokens).min(ctx);
     let mut cache = decoder.new_cache(capacity);
     let mut sampler = Sampler::new(opts.sampling);
     let mut stream = tokenizer.stream_decoder();
@@ -106,11 +106,8 @@ pub fn generate(
             break StopReason::Stopped;
         }
         if cache.len() >= capacity {
-            break if capacity == ctx {
-                StopReason::ContextFull
-            } else {
-                StopReason::MaxTokens
-            };
+            // max_tokens is checked first, so a full cache here is the model's context.
+            break StopReason::ContextFull;
         }
         logits = decoder.forward(&[id], &mut cache, Logits::Last)?;
     };

@@ -83,10 +83,11 @@ impl Sampler {
         }
         c.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
         let max = c[0].1;
-        let inv_t = 1.0 / self.params.temperature;
+        let t = self.params.temperature;
         let mut sum = 0.0f64;
         for (_, l) in c.iter_mut() {
-            *l = ((*l - max) * inv_t).exp();
+            // Divide (not multiply by 1/t): a tiny t must not give 0·∞ = NaN.
+            *l = ((*l - max) / t).exp();
             sum += *l as f64;
         }
         // Nucleus: the shortest prefix whose mass reaches top_p.

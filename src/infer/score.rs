@@ -1,5 +1,5 @@
 //! Scoring text: mean negative log-likelihood and perplexity over windows,
-//! exactly as `shared/reference/README.md` defines them.
+//! exactly as `tests/reference/README.md` defines them.
 
 use crate::backend::cpu::CpuDecoder;
 use crate::backend::cpu::ops::log_sum_exp;
@@ -8,9 +8,10 @@ use crate::{Error, Result};
 use serde::Serialize;
 use std::ops::ControlFlow;
 
-/// Positions whose logits are computed at once (bounds memory to
-/// `LOGIT_CHUNK × n_vocab` floats instead of a window's worth).
-const LOGIT_CHUNK: usize = 64;
+/// Logit values computed at once (64 MB): bounds memory to this instead of a
+/// whole window's `n_tok × n_vocab`, while keeping chunks long enough that the
+/// output matrix is decoded only a few times per window.
+const LOGIT_BUDGET: usize = 16 << 20;
 
 /// The result of [`perplexity`].
 #[derive(Debug, Clone, Serialize)]
@@ -58,7 +59,7 @@ pub fn perplexity(
             ids.len()
         )));
     }
-    let need = context + usize::from(bos.is_some());
+    let need = context.saturating_add(usize::from(bos.is_some()));
     if need > decoder.spec().context_length {
         return Err(Error::Invalid(format!(
             "--context {context} exceeds the model's context of {}",
@@ -69,15 +70,19 @@ pub fn perplexity(
     let (mut sum, mut count) = (0.0f64, 0usize);
     let n_embd = decoder.spec().n_embd;
     let n_vocab = decoder.spec().n_vocab;
+    let chunk = (LOGIT_BUDGET / n_vocab).max(1);
+    if progress(0, windows.len()).is_break() {
+        return Err(Error::Cancelled);
+    }
     for (wi, window) in windows.iter().enumerate() {
         let seq: Vec<u32> = bos.into_iter().chain(window.iter().copied()).collect();
         cache.clear();
         let hidden = decoder.forward_hidden(&seq, &mut cache)?;
         // Position p predicts seq[p + 1].
         let n_pred = seq.len() - 1;
-        for start in (0..n_pred).step_by(LOGIT_CHUNK) {
-            let end = (start + LOGIT_CHUNK).min(n_pred);
-            let logits = decoder.logits(&hidden[start * n_embd..end * n_embd]);
+        for start in (0..n_pred).step_by(chunk) {
+            let end = (start + chunk).min(n_pred);
+            let logits = decoder.logits(&hidden[start * n_embd..end * n_embd])?;
             for (p, row) in (start..end).zip(logits.chunks_exact(n_vocab)) {
                 sum += log_sum_exp(row) - row[seq[p + 1] as usize] as f64;
             }

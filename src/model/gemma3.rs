@@ -5,7 +5,7 @@
 //! every global one (the file's `rope.freq_base`). Norm weights in the GGUF
 //! already include Gemma's `1 +` offset (the converter adds it).
 
-use super::{Activation, DecoderSpec, LayerSpec, Rope, RopeKind, Tensors, hparam};
+use super::{Activation, DecoderSpec, LayerSpec, Rope, RopeKind, Tensors, hparam, hparam_or};
 use crate::Result;
 use crate::gguf::GgufFile;
 
@@ -20,23 +20,15 @@ pub(super) fn spec(file: &GgufFile) -> Result<DecoderSpec> {
     let n_embd = hparam(file, a, "embedding_length")?;
     let n_layer = hparam(file, a, "block_count")?;
     let n_head = hparam(file, a, "attention.head_count")?;
-    let n_kv_head = file
-        .get_u64("gemma3.attention.head_count_kv")
-        .map_or(n_head, |v| v as usize);
+    let n_kv_head = hparam_or(file, a, "attention.head_count_kv", n_head)?;
     let n_ff = hparam(file, a, "feed_forward_length")?;
-    let head_dim = file
-        .get_u64("gemma3.attention.key_length")
-        .map_or(n_embd / n_head, |v| v as usize);
+    let head_dim = hparam_or(file, a, "attention.key_length", n_embd / n_head)?;
     let rope_base = file.get_f32("gemma3.rope.freq_base").unwrap_or(1_000_000.0);
     let norm_eps = file
         .get_f32("gemma3.attention.layer_norm_rms_epsilon")
         .unwrap_or(1e-6);
-    let window = file
-        .get_u64("gemma3.attention.sliding_window")
-        .map_or(512, |v| v as usize);
-    let context_length = file
-        .get_u64("gemma3.context_length")
-        .map_or(32768, |v| v as usize);
+    let window = hparam_or(file, a, "attention.sliding_window", 512)?;
+    let context_length = hparam_or(file, a, "context_length", 32768)?;
     let rope_scale = file.get_f32("gemma3.rope.scaling.factor").unwrap_or(1.0);
     if rope_scale != 1.0 {
         return Err(crate::Error::Model(format!(

@@ -1,7 +1,7 @@
 //! `llama` (SmolLM2 and kin): GQA, RoPE on adjacent pairs, SwiGLU, optionally
 //! tied embeddings.
 
-use super::{Activation, DecoderSpec, LayerSpec, Rope, RopeKind, Tensors, hparam};
+use super::{Activation, DecoderSpec, LayerSpec, Rope, RopeKind, Tensors, hparam, hparam_or};
 use crate::Result;
 use crate::gguf::GgufFile;
 
@@ -10,21 +10,22 @@ pub(super) fn spec(file: &GgufFile) -> Result<DecoderSpec> {
     let n_embd = hparam(file, a, "embedding_length")?;
     let n_layer = hparam(file, a, "block_count")?;
     let n_head = hparam(file, a, "attention.head_count")?;
-    let n_kv_head = file
-        .get_u64("llama.attention.head_count_kv")
-        .map_or(n_head, |v| v as usize);
+    let n_kv_head = hparam_or(file, a, "attention.head_count_kv", n_head)?;
     let n_ff = hparam(file, a, "feed_forward_length")?;
     let head_dim = n_embd / n_head;
-    let rope_dims = file
-        .get_u64("llama.rope.dimension_count")
-        .map_or(head_dim, |v| v as usize);
+    let rope_dims = hparam_or(file, a, "rope.dimension_count", head_dim)?;
+    unsupported_rope(file)?;
+    if hparam_or(file, a, "attention.key_length", head_dim)? != head_dim {
+        return Err(crate::Error::Model(format!(
+            "{}: llama.attention.key_length differs from embedding_length / head_count: not supported yet",
+            file.path().display()
+        )));
+    }
     let rope_base = file.get_f32("llama.rope.freq_base").unwrap_or(10_000.0);
     let norm_eps = file
         .get_f32("llama.attention.layer_norm_rms_epsilon")
         .unwrap_or(1e-5);
-    let context_length = file
-        .get_u64("llama.context_length")
-        .map_or(2048, |v| v as usize);
+    let context_length = hparam_or(file, a, "context_length", 2048)?;
 
     let t = Tensors::new(file);
     let token_embd = t.table("token_embd.weight", n_embd)?;
@@ -79,4 +80,28 @@ pub(super) fn spec(file: &GgufFile) -> Result<DecoderSpec> {
         output,
         layers,
     })
+}
+
+/// RoPE variants this decoder does not implement (Llama 3.1+ frequency
+/// factors, linear/YaRN scaling) are refused rather than run with wrong logits.
+fn unsupported_rope(file: &GgufFile) -> Result<()> {
+    let what = if file.tensor("rope_freqs.weight").is_some() {
+        Some("RoPE frequency factors (rope_freqs.weight, Llama 3.1+)".to_string())
+    } else if let Some(t) = file
+        .get_str("llama.rope.scaling.type")
+        .filter(|t| *t != "none")
+    {
+        Some(format!("RoPE scaling `{t}`"))
+    } else {
+        file.get_f32("llama.rope.scaling.factor")
+            .filter(|f| *f != 1.0 && *f != 0.0)
+            .map(|f| format!("RoPE scaling factor {f}"))
+    };
+    match what {
+        Some(w) => Err(crate::Error::Model(format!(
+            "{}: {w} is not supported yet",
+            file.path().display()
+        ))),
+        None => Ok(()),
+    }
 }

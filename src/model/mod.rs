@@ -174,18 +174,7 @@ impl Model {
 
     /// Read the architecture of an already open file.
     pub fn from_file(file: GgufFile) -> Result<Model> {
-        let arch = file.require_str("general.architecture")?.to_string();
-        let spec = match arch.as_str() {
-            "llama" => llama::spec(&file)?,
-            "gemma3" => gemma3::spec(&file)?,
-            other => {
-                return Err(Error::Model(format!(
-                    "{}: architecture `{other}` is not supported (supported: llama, gemma3)",
-                    file.path().display()
-                )));
-            }
-        };
-        spec.validate(&file)?;
+        let spec = DecoderSpec::from_file(&file)?;
         Ok(Model { file, spec })
     }
 
@@ -260,10 +249,22 @@ impl<'a> Tensors<'a> {
     }
 }
 
-/// A required integer hyper-parameter `<arch>.<key>`.
+/// A required integer hyper-parameter `<arch>.<key>`, in `1..=2²⁴`.
 pub(crate) fn hparam(file: &GgufFile, arch: &str, key: &str) -> Result<usize> {
     let full = format!("{arch}.{key}");
-    let v = file.require_u64(&full)?;
+    check_hparam(file, &full, file.require_u64(&full)?)
+}
+
+/// An optional integer hyper-parameter `<arch>.<key>` (else `default`), in `1..=2²⁴`.
+pub(crate) fn hparam_or(file: &GgufFile, arch: &str, key: &str, default: usize) -> Result<usize> {
+    let full = format!("{arch}.{key}");
+    match file.get(&full) {
+        None => Ok(default),
+        Some(_) => check_hparam(file, &full, file.require_u64(&full)?),
+    }
+}
+
+fn check_hparam(file: &GgufFile, full: &str, v: u64) -> Result<usize> {
     if v == 0 || v > (1 << 24) {
         return Err(Error::Model(format!(
             "{}: `{full}` = {v} is out of range",
@@ -274,6 +275,24 @@ pub(crate) fn hparam(file: &GgufFile, arch: &str, key: &str) -> Result<usize> {
 }
 
 impl DecoderSpec {
+    /// Read the decoder of a supported architecture from `file`'s metadata
+    /// and tensor table, checking every shape.
+    pub fn from_file(file: &GgufFile) -> Result<DecoderSpec> {
+        let arch = file.require_str("general.architecture")?;
+        let spec = match arch {
+            "llama" => llama::spec(file)?,
+            "gemma3" => gemma3::spec(file)?,
+            other => {
+                return Err(Error::Model(format!(
+                    "{}: architecture `{other}` is not supported (supported: llama, gemma3)",
+                    file.path().display()
+                )));
+            }
+        };
+        spec.validate(file)?;
+        Ok(spec)
+    }
+
     /// Number of parameters in the file's tensors that the decoder uses.
     pub fn n_params(&self) -> usize {
         let mut n = self.token_embd.numel() + self.output_norm.numel();

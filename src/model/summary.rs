@@ -72,18 +72,9 @@ impl ModelSummary {
             *tensor_bytes.entry(t.ty.name().to_string()).or_insert(0) += t.n_bytes;
             parameters += t.dims.iter().product::<u64>();
         }
-        let check = match arch.as_deref() {
-            Some("llama") => super::llama::spec(file)
-                .and_then(|s| s.validate(file))
-                .map_err(|e| e.to_string()),
-            Some("gemma3") => super::gemma3::spec(file)
-                .and_then(|s| s.validate(file))
-                .map_err(|e| e.to_string()),
-            Some(a) => Err(format!(
-                "architecture `{a}` is not supported (supported: llama, gemma3)"
-            )),
-            None => Err("no general.architecture".into()),
-        };
+        let check = super::DecoderSpec::from_file(file)
+            .map(drop)
+            .map_err(|e| e.to_string());
         ModelSummary {
             path: file.path().display().to_string(),
             file_bytes: file.file_size(),

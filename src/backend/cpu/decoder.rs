@@ -75,9 +75,10 @@ pub struct CpuDecoder<'m> {
     norms: Vec<LayerNorms>,
     output_norm: Vec<f32>,
     matvec: MatvecMode,
-    /// The decoder's own workers. Every pass runs inside `pool.install`, so
-    /// the calling thread works too and the many small parallel loops of a
-    /// single-token step do not each hand off to another thread and sleep.
+    /// The decoder's own workers. A whole pass runs inside `pool.install`
+    /// (one hand-off per pass), so the hundreds of small parallel loops of a
+    /// single-token step are forked from a worker and do not each inject a job
+    /// from outside the pool and put the caller to sleep.
     pool: Arc<rayon::ThreadPool>,
 }
 
@@ -195,6 +196,16 @@ impl<'m> CpuDecoder<'m> {
     fn run_layers(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
         let s = self.spec();
         let n = tokens.len();
+        if n == 0 {
+            return Err(Error::Invalid(
+                "a forward pass needs at least one token".into(),
+            ));
+        }
+        if cache.k.len() != s.layers.len() || cache.kv_row != s.n_kv_head * s.head_dim {
+            return Err(Error::Invalid(
+                "this KV cache was made for another model".into(),
+            ));
+        }
         let pos0 = cache.len;
         if pos0 + n > cache.capacity {
             return Err(Error::Invalid(format!(
@@ -258,24 +269,28 @@ impl<'m> CpuDecoder<'m> {
     }
 
     /// Logits of hidden states `(n, n_embd)`: `(n, n_vocab)`.
-    pub fn logits(&self, hidden: &[f32]) -> Vec<f32> {
+    pub fn logits(&self, hidden: &[f32]) -> Result<Vec<f32>> {
         let s = self.spec();
+        if !hidden.len().is_multiple_of(s.n_embd) {
+            return Err(Error::Invalid(format!(
+                "{} hidden values are not rows of {}",
+                hidden.len(),
+                s.n_embd
+            )));
+        }
         let n = hidden.len() / s.n_embd;
         let mut out = vec![0.0; n * s.n_vocab];
         self.pool
             .install(|| self.matmul(hidden, &s.output, &mut out));
-        out
+        Ok(out)
     }
 
     /// Run `tokens` after the cache's contents and return logits.
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, which: Logits) -> Result<Vec<f32>> {
-        if tokens.is_empty() {
-            return Err(Error::Invalid("forward needs at least one token".into()));
-        }
         let hidden = self.forward_hidden(tokens, cache)?;
-        Ok(match which {
+        match which {
             Logits::All => self.logits(&hidden),
             Logits::Last => self.logits(&hidden[(tokens.len() - 1) * self.spec().n_embd..]),
-        })
+        }
     }
 }

@@ -1,10 +1,21 @@
-//! Safe wrappers over the `gemm` crate's f32 kernels, for the two layouts the
-//! CPU backend needs. Bounds are checked here so callers stay safe.
+//! f32 GEMM through the `gemm` crate, in the one layout the CPU backend
+//! needs: C (m×n) = A (m×k) · Bᵀ with B stored as n rows of k (a band of
+//! decoded weight rows). Bounds are checked with overflow-checked arithmetic.
 
 use gemm::Parallelism;
 
-/// `c[i·ldc + j] (+)= Σ_k a[i·lda + k] · b[j·ldb + k]` for `i < m, j < n`:
-/// C (m×n) = A (m×k) · Bᵀ where B is stored as n rows of k.
+/// Index one past the last element of an `rows × cols` row-major matrix with
+/// row stride `ld`, or a panic naming `what` if it overflows.
+fn extent(rows: usize, cols: usize, ld: usize, what: &str) -> usize {
+    assert!(ld >= cols, "gemm: {what} stride {ld} < row length {cols}");
+    let e = (rows - 1)
+        .checked_mul(ld)
+        .and_then(|v| v.checked_add(cols))
+        .filter(|&v| v <= isize::MAX as usize);
+    e.unwrap_or_else(|| panic!("gemm: {what} extent overflows"))
+}
+
+/// `c[i·ldc + j] = Σ_p a[i·lda + p] · b[j·ldb + p]` for `i < m, j < n`.
 #[allow(clippy::too_many_arguments)]
 pub fn gemm_nt(
     m: usize,
@@ -16,49 +27,23 @@ pub fn gemm_nt(
     ldb: usize,
     c: &mut [f32],
     ldc: usize,
-    accumulate: bool,
 ) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        lda >= k && ldb >= k && ldc >= n,
-        "gemm_nt: strides smaller than the rows"
-    );
-    assert!(a.len() >= (m - 1) * lda + k, "gemm_nt: A too short");
-    assert!(b.len() >= (n - 1) * ldb + k, "gemm_nt: B too short");
-    assert!(c.len() >= (m - 1) * ldc + n, "gemm_nt: C too short");
-    // SAFETY: the asserts above keep every index the kernel touches in bounds:
-    // A(i,k) at i·lda + k, B(k,j) at j·ldb + k, C(i,j) at i·ldc + j.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c.as_mut_ptr(),
-            1,
-            ldc as isize,
-            accumulate,
-            a.as_ptr(),
-            1,
-            lda as isize,
-            b.as_ptr(),
-            ldb as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
+    assert!(c.len() >= extent(m, n, ldc, "C"), "gemm_nt: C too short");
+    // SAFETY: C's extent was checked against `c`, which is borrowed mutably.
+    unsafe { gemm_nt_raw(m, n, k, a, lda, b, ldb, c.as_mut_ptr(), ldc) }
 }
 
-/// `c[i·ldc + j] (+)= Σ_k a[i·lda + k] · b[k·ldb + j]`:
-/// C (m×n) = A (m×k) · B (k×n), all row-major.
+/// [`gemm_nt`] writing through a raw pointer, so that threads can fill
+/// disjoint column bands of one output without each holding a `&mut` to all of it.
+///
+/// # Safety
+/// `c` must be valid for writes at `c + i·ldc + j` for every `i < m, j < n`,
+/// and no other thread may access those elements during the call.
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_nn(
+pub unsafe fn gemm_nt_raw(
     m: usize,
     n: usize,
     k: usize,
@@ -66,39 +51,32 @@ pub fn gemm_nn(
     lda: usize,
     b: &[f32],
     ldb: usize,
-    c: &mut [f32],
+    c: *mut f32,
     ldc: usize,
-    accumulate: bool,
 ) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(
-        lda >= k && ldb >= n && ldc >= n,
-        "gemm_nn: strides smaller than the rows"
-    );
-    assert!(a.len() >= (m - 1) * lda + k, "gemm_nn: A too short");
-    assert!(
-        k == 0 || b.len() >= (k - 1) * ldb + n,
-        "gemm_nn: B too short"
-    );
-    assert!(c.len() >= (m - 1) * ldc + n, "gemm_nn: C too short");
-    // SAFETY: bounds checked above: B(k,j) at k·ldb + j.
+    assert!(a.len() >= extent(m, k, lda, "A"), "gemm_nt: A too short");
+    assert!(b.len() >= extent(n, k, ldb, "B"), "gemm_nt: B too short");
+    extent(m, n, ldc, "C");
+    // SAFETY: A(i,p) at i·lda + p and B(p,j) at j·ldb + p are in bounds (checked
+    // above); C's elements are the caller's to write (the contract).
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             ldc as isize,
-            accumulate,
+            false,
             a.as_ptr(),
             1,
             lda as isize,
             b.as_ptr(),
-            1,
             ldb as isize,
+            1,
             1.0,
             1.0,
             false,
@@ -113,24 +91,8 @@ pub fn gemm_nn(
 mod tests {
     use super::*;
 
-    fn naive(
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &[f32],
-        b_at: impl Fn(usize, usize) -> f32,
-    ) -> Vec<f32> {
-        let mut c = vec![0.0; m * n];
-        for i in 0..m {
-            for j in 0..n {
-                c[i * n + j] = (0..k).map(|p| a[i * k + p] * b_at(p, j)).sum();
-            }
-        }
-        c
-    }
-
     #[test]
-    fn both_layouts_match_a_naive_product() {
+    fn matches_a_naive_product_with_strides() {
         let (m, n, k) = (7, 13, 37);
         let a: Vec<f32> = (0..m * k)
             .map(|i| ((i * 7919) % 97) as f32 / 97.0 - 0.5)
@@ -138,19 +100,27 @@ mod tests {
         let b: Vec<f32> = (0..n * k)
             .map(|i| ((i * 104729) % 89) as f32 / 89.0 - 0.5)
             .collect();
-        // B as n rows of k (transposed use).
-        let want = naive(m, n, k, &a, |p, j| b[j * k + p]);
-        let mut c = vec![0.0; m * n];
-        gemm_nt(m, n, k, &a, k, &b, k, &mut c, n, false);
-        for (x, y) in c.iter().zip(&want) {
-            assert!((x - y).abs() < 1e-4, "{x} vs {y}");
+        // C with a wider row stride than n: the padding must stay untouched.
+        let ldc = n + 3;
+        let mut c = vec![7.0; m * ldc];
+        gemm_nt(m, n, k, &a, k, &b, k, &mut c, ldc);
+        for i in 0..m {
+            for j in 0..ldc {
+                let got = c[i * ldc + j];
+                if j >= n {
+                    assert_eq!(got, 7.0);
+                    continue;
+                }
+                let want: f32 = (0..k).map(|p| a[i * k + p] * b[j * k + p]).sum();
+                assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+            }
         }
-        // B as k rows of n.
-        let want = naive(m, n, k, &a, |p, j| b[p * n + j]);
-        let mut c = vec![1.0; m * n];
-        gemm_nn(m, n, k, &a, k, &b, n, &mut c, n, true);
-        for (x, y) in c.iter().zip(&want) {
-            assert!((x - (y + 1.0)).abs() < 1e-4, "{x} vs {y}+1");
-        }
+    }
+
+    #[test]
+    #[should_panic(expected = "overflows")]
+    fn overflowing_strides_are_caught() {
+        let mut c = vec![0.0; 4];
+        gemm_nt(2, 2, 2, &[0.0; 4], 2, &[0.0; 4], 2, &mut c, usize::MAX / 2);
     }
 }

@@ -7,7 +7,7 @@
 //! band into a small f32 scratch and run an f32 GEMM against all tokens, so
 //! no more than `BAND × cols` weights per thread exist as f32 at any time.
 
-use super::gemm::gemm_nt;
+use super::gemm::gemm_nt_raw;
 use crate::quant::{self, GgmlType};
 use rayon::prelude::*;
 
@@ -87,7 +87,8 @@ pub enum MatvecMode {
 /// Raw pointer that may be shared by threads writing disjoint elements.
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
-// SAFETY: used only to write disjoint column bands of one output slice.
+// SAFETY: used only to write disjoint column bands of one output, through
+// raw pointers (never as overlapping `&mut` slices).
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
@@ -123,7 +124,6 @@ pub fn matmul_with(x: &[f32], w: &QMatrix, out: &mut [f32], mode: MatvecMode) {
     }
     let bands = w.rows.div_ceil(BAND);
     let out_ptr = SharedOut(out.as_mut_ptr());
-    let out_len = out.len();
     (0..bands).into_par_iter().for_each_init(
         || vec![0.0f32; BAND * w.cols],
         |scratch, band| {
@@ -132,21 +132,22 @@ pub fn matmul_with(x: &[f32], w: &QMatrix, out: &mut [f32], mode: MatvecMode) {
             for i in 0..nr {
                 w.dequantize_row(r0 + i, &mut scratch[i * w.cols..(i + 1) * w.cols]);
             }
-            // SAFETY: this task writes only columns r0..r0+nr of each output
-            // row; bands are disjoint, and the slice outlives the parallel loop.
-            let out = unsafe { std::slice::from_raw_parts_mut(out_ptr.ptr(), out_len) };
-            gemm_nt(
-                n_tok,
-                nr,
-                w.cols,
-                x,
-                w.cols,
-                scratch,
-                w.cols,
-                &mut out[r0..],
-                w.rows,
-                false,
-            );
+            // SAFETY: this task writes only columns r0..r0+nr of each of the
+            // n_tok output rows (in bounds: out is n_tok × rows); bands are
+            // disjoint, and `out` outlives the parallel loop.
+            unsafe {
+                gemm_nt_raw(
+                    n_tok,
+                    nr,
+                    w.cols,
+                    x,
+                    w.cols,
+                    scratch,
+                    w.cols,
+                    out_ptr.ptr().add(r0),
+                    w.rows,
+                );
+            }
         },
     );
 }
