@@ -7,7 +7,7 @@
 
 mod common;
 
-use edgetune::backend::cpu::{CpuDecoder, Logits};
+use edgetune::backend::cpu::{CpuDecoder, Logits, MatvecMode};
 use edgetune::infer::{argmax, perplexity};
 use edgetune::model::Model;
 use edgetune::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
@@ -157,6 +157,36 @@ fn gemma3_prompts_match_reference() {
 fn gemma3_perplexity_matches_reference() {
     if let Some(m) = open("gemma-3-270m-Q4_K_M.gguf") {
         check_perplexity(&m, &reference("gemma-3-270m.json"));
+    }
+}
+
+#[test]
+fn smollm2_fast_generation_keeps_the_reference_greedy_ids() {
+    let Some(m) = open("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let refs = reference("SmolLM2-135M-Instruct.json");
+    let tok = Tokenizer::from_gguf(m.file()).unwrap();
+    let dec = CpuDecoder::new(&m).unwrap().with_matvec(MatvecMode::Q8);
+    for p in refs["prompts"].as_array().unwrap() {
+        let input = encode_prompt(&m, &tok, p);
+        let stable = p["greedy_stable_len"].as_u64().unwrap() as usize;
+        let mut cache = dec.new_cache(input.len() + stable);
+        let mut got = vec![argmax(
+            &dec.forward(&input, &mut cache, Logits::Last).unwrap(),
+        )];
+        while got.len() < stable {
+            let l = dec
+                .forward(&[*got.last().unwrap()], &mut cache, Logits::Last)
+                .unwrap();
+            got.push(argmax(&l));
+        }
+        assert_eq!(
+            got[..],
+            ids(&p["greedy_ids"])[..stable],
+            "{}: --fast greedy",
+            p["name"]
+        );
     }
 }
 
