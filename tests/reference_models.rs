@@ -7,7 +7,7 @@
 
 mod common;
 
-use edgetune::backend::cpu::{CpuDecoder, Logits, MatvecMode};
+use edgetune::backend::cpu::{CpuDecoder, CpuOptions, Logits, MatvecMode};
 use edgetune::infer::{argmax, perplexity};
 use edgetune::model::Model;
 use edgetune::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
@@ -167,7 +167,14 @@ fn smollm2_fast_generation_keeps_the_reference_greedy_ids() {
     };
     let refs = reference("SmolLM2-135M-Instruct.json");
     let tok = Tokenizer::from_gguf(m.file()).unwrap();
-    let dec = CpuDecoder::new(&m).unwrap().with_matvec(MatvecMode::Q8);
+    let dec = CpuDecoder::with_options(
+        &m,
+        CpuOptions {
+            matvec: MatvecMode::Q8,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     for p in refs["prompts"].as_array().unwrap() {
         let input = encode_prompt(&m, &tok, p);
         let stable = p["greedy_stable_len"].as_u64().unwrap() as usize;

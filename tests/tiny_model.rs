@@ -2,7 +2,7 @@
 //! run by the CPU backend and checked against a naive f64 forward pass
 //! written here from the formulas, and batched against incremental decoding.
 
-use edgetune::backend::cpu::{CpuDecoder, Logits, MatvecMode};
+use edgetune::backend::cpu::{CpuDecoder, CpuOptions, Logits, MatvecMode};
 use edgetune::gguf::{GgufWriter, Value};
 use edgetune::model::Model;
 use edgetune::quant::{self, GgmlType};
@@ -426,8 +426,22 @@ fn fast_matvec_stays_close_to_exact_decoding() {
     };
     write_model(&c, &path);
     let model = Model::open(&path).unwrap();
-    let exact = CpuDecoder::new(&model).unwrap().with_threads(1).unwrap();
-    let fast = CpuDecoder::new(&model).unwrap().with_matvec(MatvecMode::Q8);
+    let exact = CpuDecoder::with_options(
+        &model,
+        CpuOptions {
+            threads: 1,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let fast = CpuDecoder::with_options(
+        &model,
+        CpuOptions {
+            matvec: MatvecMode::Q8,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let (mut c1, mut c2) = (exact.new_cache(8), fast.new_cache(8));
     let mut differs = false;
     // One step: later steps compound the rounding through the cache, and a

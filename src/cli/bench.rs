@@ -1,6 +1,6 @@
 //! `edgetune bench`.
 
-use super::{ModelArgs, keep_going, print_json, progress_bar};
+use super::{ModelArgs, emit, keep_going, print_json, progress_bar, report};
 use clap::Args;
 use edgetune::Error;
 use edgetune::backend::cpu::MatvecMode;
@@ -30,7 +30,7 @@ pub struct BenchArgs {
 pub fn run(a: BenchArgs) -> Result<(), Error> {
     let t = Instant::now();
     let model = Model::open(a.model.path()?)?;
-    let decoder = a.model.decoder(&model)?;
+    let decoder = a.model.decoder(&model, MatvecMode::Exact)?;
     let load_s = t.elapsed().as_secs_f64();
     let load_rss = peak_rss_mb();
     let opts = BenchOptions {
@@ -43,7 +43,7 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
         pb.set_position(done as u64);
         keep_going()
     })?;
-    let fast = a.model.decoder(&model)?.with_matvec(MatvecMode::Q8);
+    let fast = a.model.decoder(&model, MatvecMode::Q8)?;
     let q8 = bench(
         &fast,
         BenchOptions {
@@ -66,32 +66,41 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
             "peak_rss_mb": peak_rss,
         }));
     }
-    println!(
+    let mut out = String::new();
+    report!(
+        out,
         "model       {} ({})",
         model.file().path().display(),
         model.spec().arch
     );
-    println!("device      cpu, {} threads", r.threads);
+    report!(out, "device      cpu, {} threads", r.threads);
     let mb = |v: Option<f64>| v.map_or("?".into(), |v| format!("{v:.0} MB"));
-    println!(
+    report!(
+        out,
         "load        {:.3} s (memory-mapped), peak RSS {}",
         load_s,
         mb(load_rss)
     );
-    println!(
+    report!(
+        out,
         "prompt      {:.1} tokens/s  (pp{})",
-        r.prompt_tokens_per_s, r.prompt_tokens
+        r.prompt_tokens_per_s,
+        r.prompt_tokens
     );
-    println!(
+    report!(
+        out,
         "generation  {:.1} tokens/s  (tg{}, exact)",
-        r.gen_tokens_per_s, r.gen_tokens
+        r.gen_tokens_per_s,
+        r.gen_tokens
     );
-    println!(
+    report!(
+        out,
         "generation  {:.1} tokens/s  (tg{}, --fast: 8-bit activations)",
-        q8.gen_tokens_per_s, r.gen_tokens
+        q8.gen_tokens_per_s,
+        r.gen_tokens
     );
-    println!("peak RSS    {}", mb(peak_rss));
-    Ok(())
+    report!(out, "peak RSS    {}", mb(peak_rss));
+    emit(&out)
 }
 
 /// The process's peak resident set size in MB (Linux `VmHWM`; `None` elsewhere).

@@ -79,7 +79,7 @@ pub fn run(a: GenerateArgs) -> Result<(), Error> {
     } else {
         MatvecMode::Exact
     };
-    let decoder = a.model.decoder(&model)?.with_matvec(mode);
+    let decoder = a.model.decoder(&model, mode)?;
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         sampling: SamplingParams {

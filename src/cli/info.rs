@@ -1,6 +1,6 @@
 //! `edgetune info`.
 
-use super::{ModelArgs, print_json};
+use super::{ModelArgs, emit, print_json, report};
 use clap::Args;
 use edgetune::Error;
 use edgetune::gguf::GgufFile;
@@ -22,42 +22,52 @@ pub fn run(a: InfoArgs) -> Result<(), Error> {
     if a.json {
         return print_json(&s);
     }
-    println!(
+    let mut out = String::new();
+    report!(
+        out,
         "file          {} ({:.1} MB, GGUF v{})",
         s.path,
         s.file_bytes as f64 / 1e6,
         s.gguf_version
     );
-    println!("name          {}", s.name.as_deref().unwrap_or("-"));
-    println!("architecture  {}", s.architecture.as_deref().unwrap_or("-"));
+    report!(out, "name          {}", s.name.as_deref().unwrap_or("-"));
+    report!(
+        out,
+        "architecture  {}",
+        s.architecture.as_deref().unwrap_or("-")
+    );
     match &s.unsupported_reason {
-        None => println!("supported     yes"),
-        Some(r) => println!("supported     no: {r}"),
+        None => report!(out, "supported     yes"),
+        Some(r) => report!(out, "supported     no: {r}"),
     }
-    println!(
+    report!(
+        out,
         "parameters    {:.1} M in {} tensors",
         s.parameters as f64 / 1e6,
         s.tensors
     );
     for (ty, n) in &s.tensor_types {
-        println!(
+        report!(
+            out,
             "  {ty:<6} {n:>5} tensors  {:>8.1} MB",
             s.tensor_bytes[ty] as f64 / 1e6
         );
     }
-    println!("hyper-parameters");
+    report!(out, "hyper-parameters");
     for (k, v) in &s.hyperparameters {
-        println!("  {k:<40} {v}");
+        report!(out, "  {k:<40} {v}");
     }
-    println!(
+    report!(
+        out,
         "tokenizer     {} (pre: {}), {} tokens",
         s.tokenizer.as_deref().unwrap_or("-"),
         s.tokenizer_pre.as_deref().unwrap_or("-"),
         s.vocab_size.map_or("-".into(), |n| n.to_string())
     );
-    println!(
+    report!(
+        out,
         "chat template {}",
         if s.chat_template { "yes" } else { "no" }
     );
-    Ok(())
+    emit(&out)
 }

@@ -7,7 +7,7 @@ mod score;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use edgetune::Error;
-use edgetune::backend::cpu::CpuDecoder;
+use edgetune::backend::cpu::{CpuDecoder, CpuOptions, MatvecMode};
 use edgetune::model::Model;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
@@ -64,9 +64,19 @@ pub struct RunArgs {
 
 impl RunArgs {
     /// The decoder for `model` on the chosen device and threads.
-    pub fn decoder<'m>(&self, model: &'m Model) -> Result<CpuDecoder<'m>, Error> {
+    pub fn decoder<'m>(
+        &self,
+        model: &'m Model,
+        matvec: MatvecMode,
+    ) -> Result<CpuDecoder<'m>, Error> {
         match self.device {
-            Device::Auto | Device::Cpu => CpuDecoder::new(model)?.with_threads(self.threads),
+            Device::Auto | Device::Cpu => CpuDecoder::with_options(
+                model,
+                CpuOptions {
+                    threads: self.threads,
+                    matvec,
+                },
+            ),
         }
     }
 }
@@ -88,8 +98,12 @@ impl ModelArgs {
     }
 
     /// The decoder for `model` on the chosen device and threads.
-    pub fn decoder<'m>(&self, model: &'m Model) -> Result<CpuDecoder<'m>, Error> {
-        self.run.decoder(model)
+    pub fn decoder<'m>(
+        &self,
+        model: &'m Model,
+        matvec: MatvecMode,
+    ) -> Result<CpuDecoder<'m>, Error> {
+        self.run.decoder(model, matvec)
     }
 }
 
@@ -180,6 +194,25 @@ pub fn progress_bar(total: usize, what: &str) -> indicatif::ProgressBar {
 pub fn print_json(value: &impl serde::Serialize) -> Result<(), Error> {
     let s =
         serde_json::to_string(value).map_err(|e| Error::Invalid(format!("JSON output: {e}")))?;
-    println!("{s}");
-    Ok(())
+    emit(&format!("{s}\n"))
 }
+
+/// Write `text` to stdout. A closed pipe (`edgetune info | head -3`) is not
+/// an error; other write failures are.
+pub fn emit(text: &str) -> Result<(), Error> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|_| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(Error::io("<stdout>", e)),
+        _ => Ok(()),
+    }
+}
+
+/// `writeln!` into a `String` report (formatting into memory cannot fail).
+macro_rules! report {
+    ($out:expr, $($arg:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($out, $($arg)*);
+    }};
+}
+pub(crate) use report;

@@ -1,8 +1,9 @@
 //! `edgetune score`.
 
-use super::{RunArgs, keep_going, model_path, print_json, progress_bar};
+use super::{RunArgs, emit, keep_going, model_path, print_json, progress_bar, report};
 use clap::Args;
 use edgetune::Error;
+use edgetune::backend::cpu::MatvecMode;
 use edgetune::infer::perplexity;
 use edgetune::model::Model;
 use edgetune::tokenizer::Tokenizer;
@@ -35,7 +36,7 @@ pub fn run(a: ScoreArgs) -> Result<(), Error> {
     let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
     let model = Model::open(model)?;
     let tokenizer = Tokenizer::from_gguf(model.file())?;
-    let decoder = a.run.decoder(&model)?;
+    let decoder = a.run.decoder(&model, MatvecMode::Exact)?;
     let pb = progress_bar(0, "scoring");
     let s = perplexity(
         &decoder,
@@ -58,11 +59,16 @@ pub fn run(a: ScoreArgs) -> Result<(), Error> {
             "perplexity": s.perplexity,
         }));
     }
-    println!(
+    let mut out = String::new();
+    report!(
+        out,
         "tokens      {} ({} predicted in {} windows of ≤{})",
-        s.text_tokens, s.predicted_tokens, s.windows, a.context
+        s.text_tokens,
+        s.predicted_tokens,
+        s.windows,
+        a.context
     );
-    println!("nll         {:.6}", s.nll);
-    println!("perplexity  {:.4}", s.perplexity);
-    Ok(())
+    report!(out, "nll         {:.6}", s.nll);
+    report!(out, "perplexity  {:.4}", s.perplexity);
+    emit(&out)
 }

@@ -69,6 +69,15 @@ pub enum Logits {
     All,
 }
 
+/// How a [`CpuDecoder`] runs.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CpuOptions {
+    /// Worker threads (`0`: one per core).
+    pub threads: usize,
+    /// How single-token products are computed.
+    pub matvec: MatvecMode,
+}
+
 /// A model ready to run on the CPU.
 pub struct CpuDecoder<'m> {
     model: &'m Model,
@@ -93,8 +102,13 @@ fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
 }
 
 impl<'m> CpuDecoder<'m> {
-    /// Prepare `model` (decodes only the norm vectors).
+    /// Prepare `model` with default options (decodes only the norm vectors).
     pub fn new(model: &'m Model) -> Result<Self> {
+        CpuDecoder::with_options(model, CpuOptions::default())
+    }
+
+    /// Prepare `model` to run with `options`.
+    pub fn with_options(model: &'m Model, options: CpuOptions) -> Result<Self> {
         let opt = |w: &Option<Weight>| w.as_ref().map(|w| model.vector(w)).transpose();
         let norms = model
             .spec()
@@ -116,22 +130,9 @@ impl<'m> CpuDecoder<'m> {
             model,
             norms,
             output_norm,
-            matvec: MatvecMode::Exact,
-            pool: thread_pool(0)?,
+            matvec: options.matvec,
+            pool: thread_pool(options.threads)?,
         })
-    }
-
-    /// Compute single-token products (generation) as `mode` says; prompts and
-    /// scoring always use the exact GEMM path.
-    pub fn with_matvec(mut self, mode: MatvecMode) -> Self {
-        self.matvec = mode;
-        self
-    }
-
-    /// Run on `threads` worker threads (`0`: one per core).
-    pub fn with_threads(mut self, threads: usize) -> Result<Self> {
-        self.pool = thread_pool(threads)?;
-        Ok(self)
     }
 
     /// Worker threads.

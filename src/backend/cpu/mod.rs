@@ -8,5 +8,5 @@ pub mod gemm;
 pub mod matmul;
 pub mod ops;
 
-pub use decoder::{CpuDecoder, KvCache, Logits};
+pub use decoder::{CpuDecoder, CpuOptions, KvCache, Logits};
 pub use matmul::MatvecMode;
