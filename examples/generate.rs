@@ -24,8 +24,7 @@ fn main() -> edgetune::Result<()> {
     let model = Model::open(&path)?;
     let tokenizer = Tokenizer::from_gguf(model.file())?;
     let template = ChatTemplate::for_model(model.file(), &tokenizer, None)?;
-    let text = template.render(&[ChatMessage::new("user", question)], true)?;
-    let prompt = tokenizer.encode(&text, false)?;
+    let prompt = template.encode(&tokenizer, &[ChatMessage::new("user", question)], true)?;
 
     let decoder = CpuDecoder::new(&model)?;
     let opts = GenerateOptions {

@@ -43,12 +43,11 @@ fn encode_prompt(model: &Model, tok: &Tokenizer, p: &Value) -> Vec<u32> {
         Some(chat) => {
             let msgs: Vec<ChatMessage> =
                 serde_json::from_value(Value::Array(chat.clone())).unwrap();
-            let t = ChatTemplate::from_gguf(model.file())
-                .unwrap()
-                .expect("model has a chat template");
+            // As the CLI does it.
+            let t = ChatTemplate::for_model(model.file(), tok, None).unwrap();
             let text = t.render(&msgs, true).unwrap();
             assert_eq!(text, p["text"].as_str().unwrap(), "rendered chat differs");
-            tok.encode(&text, false).unwrap()
+            t.encode(tok, &msgs, true).unwrap()
         }
         None => tok.encode(p["text"].as_str().unwrap(), true).unwrap(),
     }

@@ -38,7 +38,14 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
         gen_tokens: a.gen_tokens,
         repetitions: a.repetitions,
     };
-    let pb = progress_bar(3 * a.repetitions, "benchmarking");
+    // Steps: prompt and exact generation runs, then --fast generation runs.
+    let gen_reps = if a.gen_tokens > 0 { a.repetitions } else { 0 };
+    let first = gen_reps.saturating_add(if a.prompt_tokens > 0 {
+        a.repetitions
+    } else {
+        0
+    });
+    let pb = progress_bar(first.saturating_add(gen_reps), "benchmarking");
     let r = bench(&decoder, opts, &mut |done, _| {
         pb.set_position(done as u64);
         keep_going()
@@ -51,7 +58,7 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
             ..opts
         },
         &mut |done, _| {
-            pb.set_position((a.repetitions + done) as u64);
+            pb.set_position(first.saturating_add(done) as u64);
             keep_going()
         },
     )?;

@@ -69,8 +69,7 @@ pub fn run(a: GenerateArgs) -> Result<(), Error> {
             role: "user".into(),
             content: a.prompt.clone(),
         });
-        let text = template.render(&messages, true)?;
-        tokenizer.encode(&text, false)?
+        template.encode(&tokenizer, &messages, true)?
     } else {
         tokenizer.encode(&a.prompt, true)?
     };

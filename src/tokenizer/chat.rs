@@ -209,6 +209,17 @@ impl ChatTemplate {
         tmpl.render(ctx)
             .map_err(|e| Error::Template(render_error(&e)))
     }
+
+    /// [`render`](Self::render) and encode: the token ids of a chat prompt,
+    /// with no special tokens added beyond those the template writes.
+    pub fn encode(
+        &self,
+        tokenizer: &Tokenizer,
+        messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<Vec<u32>> {
+        tokenizer.encode(&self.render(messages, add_generation_prompt)?, false)
+    }
 }
 
 /// A message as the template sees it: a map with `role` then `content`, in
