@@ -275,43 +275,44 @@ fn check(c: Cfg) {
     let tokens: Vec<u32> = (0..11).map(|i| (i * 7 + 3) % c.n_vocab as u32).collect();
     let want = naive(&c, &tensors, &tokens);
 
+    // Logits of position `p` (rows of `got`, starting at position `p0`) close to naive.
+    let close = |what: &str, got: &[f32], p0: usize| {
+        for (row, p) in got.chunks(c.n_vocab).zip(p0..) {
+            for (v, (&g, &n)) in row.iter().zip(&want[p]).enumerate() {
+                let g = g as f64;
+                assert!(
+                    (g - n).abs() < 2e-3 * (1.0 + n.abs()),
+                    "{} {:?} {what} pos {p} vocab {v}: {g} vs naive {n}",
+                    c.arch,
+                    c.ty
+                );
+            }
+        }
+    };
     // Batched: all positions in one pass (the GEMM path).
     let mut cache = dec.new_cache(16);
-    let all = dec.forward(&tokens, &mut cache, Logits::All).unwrap();
+    close(
+        "batched",
+        &dec.forward(&tokens, &mut cache, Logits::All).unwrap(),
+        0,
+    );
     // Two batches: 5 tokens, then 6 more after them (the GEMM path with a
     // non-empty cache).
-    let mut cache3 = dec.new_cache(16);
-    dec.forward(&tokens[..5], &mut cache3, Logits::All).unwrap();
-    let rest = dec.forward(&tokens[5..], &mut cache3, Logits::All).unwrap();
-    for (i, p) in (5..tokens.len()).enumerate() {
-        for v in 0..c.n_vocab {
-            let (a, n) = (rest[i * c.n_vocab + v] as f64, want[p][v]);
-            assert!(
-                (a - n).abs() < 2e-3 * (1.0 + n.abs()),
-                "{} second batch pos {p}: {a} vs {n}",
-                c.arch
-            );
-        }
-    }
+    let mut cache = dec.new_cache(16);
+    dec.forward(&tokens[..5], &mut cache, Logits::All).unwrap();
+    close(
+        "second batch",
+        &dec.forward(&tokens[5..], &mut cache, Logits::All).unwrap(),
+        5,
+    );
     // Incremental: one token at a time through the cache (the dot-product path).
-    let mut cache2 = dec.new_cache(16);
+    let mut cache = dec.new_cache(16);
     for (p, &tok) in tokens.iter().enumerate() {
-        let one = dec.forward(&[tok], &mut cache2, Logits::Last).unwrap();
-        for v in 0..c.n_vocab {
-            let (a, b, n) = (all[p * c.n_vocab + v] as f64, one[v] as f64, want[p][v]);
-            assert!(
-                (a - n).abs() < 2e-3 * (1.0 + n.abs()),
-                "{} {:?} batched pos {p} vocab {v}: {a} vs naive {n}",
-                c.arch,
-                c.ty
-            );
-            assert!(
-                (b - n).abs() < 2e-3 * (1.0 + n.abs()),
-                "{} {:?} incremental pos {p} vocab {v}: {b} vs naive {n}",
-                c.arch,
-                c.ty
-            );
-        }
+        close(
+            "incremental",
+            &dec.forward(&[tok], &mut cache, Logits::Last).unwrap(),
+            p,
+        );
     }
 }
 

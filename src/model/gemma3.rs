@@ -5,7 +5,7 @@
 //! every global one (the file's `rope.freq_base`). Norm weights in the GGUF
 //! already include Gemma's `1 +` offset (the converter adds it).
 
-use super::{Activation, DecoderSpec, LayerSpec, Rope, RopeKind, Tensors, hparam, hparam_or};
+use super::{Activation, BlockShape, DecoderSpec, Rope, RopeKind, Tensors, hparam, hparam_or};
 use crate::Result;
 use crate::gguf::GgufFile;
 
@@ -46,31 +46,27 @@ pub(super) fn spec(file: &GgufFile) -> Result<DecoderSpec> {
     let output_norm = t.get("output_norm.weight", &[n_embd])?;
     let q = n_head * head_dim;
     let kv = n_kv_head * head_dim;
+    let shape = BlockShape {
+        n_embd,
+        q_dim: q,
+        kv_dim: kv,
+        n_ff,
+    };
     let layers = (0..n_layer)
         .map(|i| {
-            let n = |s: &str| format!("blk.{i}.{s}.weight");
             let global = i % SWA_PATTERN == SWA_PATTERN - 1;
-            Ok(LayerSpec {
-                attn_norm: t.get(&n("attn_norm"), &[n_embd])?,
-                wq: t.get(&n("attn_q"), &[n_embd, q])?,
-                wk: t.get(&n("attn_k"), &[n_embd, kv])?,
-                wv: t.get(&n("attn_v"), &[n_embd, kv])?,
-                wo: t.get(&n("attn_output"), &[q, n_embd])?,
-                q_norm: Some(t.get(&n("attn_q_norm"), &[head_dim])?),
-                k_norm: Some(t.get(&n("attn_k_norm"), &[head_dim])?),
-                post_attn_norm: Some(t.get(&n("post_attention_norm"), &[n_embd])?),
-                ffn_norm: t.get(&n("ffn_norm"), &[n_embd])?,
-                w_gate: t.get(&n("ffn_gate"), &[n_embd, n_ff])?,
-                w_up: t.get(&n("ffn_up"), &[n_embd, n_ff])?,
-                w_down: t.get(&n("ffn_down"), &[n_ff, n_embd])?,
-                post_ffn_norm: Some(t.get(&n("post_ffw_norm"), &[n_embd])?),
-                rope: Rope {
-                    kind: RopeKind::Halves,
-                    base: if global { rope_base } else { SWA_ROPE_BASE },
-                    dims: head_dim,
-                },
-                window: (!global).then_some(window),
-            })
+            let rope = Rope {
+                kind: RopeKind::Halves,
+                base: if global { rope_base } else { SWA_ROPE_BASE },
+                dims: head_dim,
+            };
+            let mut l = t.block(i, &shape, rope, (!global).then_some(window))?;
+            let n = |s: &str| format!("blk.{i}.{s}.weight");
+            l.q_norm = Some(t.get(&n("attn_q_norm"), &[head_dim])?);
+            l.k_norm = Some(t.get(&n("attn_k_norm"), &[head_dim])?);
+            l.post_attn_norm = Some(t.get(&n("post_attention_norm"), &[n_embd])?);
+            l.post_ffn_norm = Some(t.get(&n("post_ffw_norm"), &[n_embd])?);
+            Ok(l)
         })
         .collect::<Result<Vec<_>>>()?;
     Ok(DecoderSpec {

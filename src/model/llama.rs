@@ -1,7 +1,7 @@
 //! `llama` (SmolLM2 and kin): GQA, RoPE on adjacent pairs, SwiGLU, optionally
 //! tied embeddings.
 
-use super::{Activation, DecoderSpec, LayerSpec, Rope, RopeKind, Tensors, hparam, hparam_or};
+use super::{Activation, BlockShape, DecoderSpec, Rope, RopeKind, Tensors, hparam, hparam_or};
 use crate::Result;
 use crate::gguf::GgufFile;
 
@@ -40,27 +40,14 @@ pub(super) fn spec(file: &GgufFile) -> Result<DecoderSpec> {
         base: rope_base,
         dims: rope_dims,
     };
+    let shape = BlockShape {
+        n_embd,
+        q_dim: n_head * head_dim,
+        kv_dim: kv,
+        n_ff,
+    };
     let layers = (0..n_layer)
-        .map(|i| {
-            let n = |s: &str| format!("blk.{i}.{s}.weight");
-            Ok(LayerSpec {
-                attn_norm: t.get(&n("attn_norm"), &[n_embd])?,
-                wq: t.get(&n("attn_q"), &[n_embd, n_head * head_dim])?,
-                wk: t.get(&n("attn_k"), &[n_embd, kv])?,
-                wv: t.get(&n("attn_v"), &[n_embd, kv])?,
-                wo: t.get(&n("attn_output"), &[n_head * head_dim, n_embd])?,
-                q_norm: None,
-                k_norm: None,
-                post_attn_norm: None,
-                ffn_norm: t.get(&n("ffn_norm"), &[n_embd])?,
-                w_gate: t.get(&n("ffn_gate"), &[n_embd, n_ff])?,
-                w_up: t.get(&n("ffn_up"), &[n_embd, n_ff])?,
-                w_down: t.get(&n("ffn_down"), &[n_ff, n_embd])?,
-                post_ffn_norm: None,
-                rope,
-                window: None,
-            })
-        })
+        .map(|i| t.block(i, &shape, rope, None))
         .collect::<Result<Vec<_>>>()?;
     Ok(DecoderSpec {
         arch: a.into(),

@@ -201,6 +201,16 @@ impl Model {
     }
 }
 
+/// Sizes of a block's standard tensors.
+pub(crate) struct BlockShape {
+    pub n_embd: usize,
+    /// `n_head · head_dim`.
+    pub q_dim: usize,
+    /// `n_kv_head · head_dim`.
+    pub kv_dim: usize,
+    pub n_ff: usize,
+}
+
 /// Tensor lookup with errors that name the file and tensor.
 pub(crate) struct Tensors<'a> {
     file: &'a GgufFile,
@@ -238,6 +248,35 @@ impl<'a> Tensors<'a> {
             .and_then(|t| t.dims.get(1).copied())
             .unwrap_or(0);
         self.get(name, &[cols, rows as usize])
+    }
+
+    /// Block `i`'s standard tensors (`blk.{i}.attn_norm` … `ffn_down`, llama.cpp
+    /// names), with no optional norms: architectures add theirs.
+    pub(crate) fn block(
+        &self,
+        i: usize,
+        s: &BlockShape,
+        rope: Rope,
+        window: Option<usize>,
+    ) -> Result<LayerSpec> {
+        let n = |name: &str| format!("blk.{i}.{name}.weight");
+        Ok(LayerSpec {
+            attn_norm: self.get(&n("attn_norm"), &[s.n_embd])?,
+            wq: self.get(&n("attn_q"), &[s.n_embd, s.q_dim])?,
+            wk: self.get(&n("attn_k"), &[s.n_embd, s.kv_dim])?,
+            wv: self.get(&n("attn_v"), &[s.n_embd, s.kv_dim])?,
+            wo: self.get(&n("attn_output"), &[s.q_dim, s.n_embd])?,
+            q_norm: None,
+            k_norm: None,
+            post_attn_norm: None,
+            ffn_norm: self.get(&n("ffn_norm"), &[s.n_embd])?,
+            w_gate: self.get(&n("ffn_gate"), &[s.n_embd, s.n_ff])?,
+            w_up: self.get(&n("ffn_up"), &[s.n_embd, s.n_ff])?,
+            w_down: self.get(&n("ffn_down"), &[s.n_ff, s.n_embd])?,
+            post_ffn_norm: None,
+            rope,
+            window,
+        })
     }
 
     /// An optional tensor (absent is fine, a wrong shape is not).

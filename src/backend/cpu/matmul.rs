@@ -182,20 +182,21 @@ pub fn matvec_q8(x: &[f32], w: &QMatrix, out: &mut [f32]) {
 mod tests {
     use super::*;
 
-    fn check(ty: GgmlType, rows: usize, cols: usize, n_tok: usize) {
+    /// A `rows × cols` matrix of `ty` with deterministic values in [-1, 1).
+    fn test_matrix(ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
         let vals: Vec<f32> = (0..rows * cols)
             .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
             .collect();
         let rb = ty.row_bytes(cols).unwrap();
         let mut data = vec![0u8; rb * rows];
-        for r in 0..rows {
-            quant::quantize_row(
-                ty,
-                &vals[r * cols..(r + 1) * cols],
-                &mut data[r * rb..(r + 1) * rb],
-            )
-            .unwrap();
+        for (src, dst) in vals.chunks(cols).zip(data.chunks_mut(rb)) {
+            quant::quantize_row(ty, src, dst).unwrap();
         }
+        data
+    }
+
+    fn check(ty: GgmlType, rows: usize, cols: usize, n_tok: usize) {
+        let data = test_matrix(ty, rows, cols);
         let w = QMatrix::new(ty, rows, cols, &data).unwrap();
         let x: Vec<f32> = (0..n_tok * cols)
             .map(|i| ((i * 31 % 17) as f32 / 8.0) - 1.0)
@@ -236,20 +237,8 @@ mod tests {
     #[test]
     fn q8_matvec_is_close_to_exact() {
         let (rows, cols) = (70, 256);
-        let vals: Vec<f32> = (0..rows * cols)
-            .map(|i| ((i * 7919 % 1000) as f32 / 500.0) - 1.0)
-            .collect();
         let ty = GgmlType::Q4_1;
-        let rb = ty.row_bytes(cols).unwrap();
-        let mut data = vec![0u8; rb * rows];
-        for r in 0..rows {
-            quant::quantize_row(
-                ty,
-                &vals[r * cols..(r + 1) * cols],
-                &mut data[r * rb..(r + 1) * rb],
-            )
-            .unwrap();
-        }
+        let data = test_matrix(ty, rows, cols);
         let w = QMatrix::new(ty, rows, cols, &data).unwrap();
         let x: Vec<f32> = (0..cols)
             .map(|i| ((i * 31 % 17) as f32 / 8.0) - 1.0)
