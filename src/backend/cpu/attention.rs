@@ -1,7 +1,15 @@
 //! Causal multi-head attention with grouped key/value heads, an optional
 //! sliding window, over a KV cache.
 
+use super::gemm::{gemm_nn, gemm_nt};
 use rayon::prelude::*;
+
+/// With at least this many queries, attention runs as GEMMs over blocks of
+/// queries; below it (generation), as dot products per query.
+const BLOCKED_MIN_TOKENS: usize = 8;
+/// Queries per block in the GEMM path: bounds the score scratch to
+/// `QUERY_BLOCK × keys` per thread.
+const QUERY_BLOCK: usize = 32;
 
 /// Shape and masking of one attention call.
 #[derive(Debug, Clone, Copy)]
@@ -26,6 +34,71 @@ pub struct AttnShape {
 ///   holding these tokens' keys and values
 /// - `out`: `(n_tok, n_head · head_dim)`
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: &AttnShape, out: &mut [f32]) {
+    if q.len() / (s.n_head * s.head_dim) >= BLOCKED_MIN_TOKENS {
+        attention_blocked(q, k, v, pos0, s, out);
+    } else {
+        attention_rows(q, k, v, pos0, s, out);
+    }
+}
+
+/// First key visible from position `pos`.
+fn first_key(pos: usize, window: Option<usize>) -> usize {
+    window.map_or(0, |w| (pos + 1).saturating_sub(w))
+}
+
+/// Blocks of `QUERY_BLOCK` queries per task; for each head, scores
+/// S = Q·Kᵀ over the keys any query of the block sees (one GEMM), masked
+/// softmax per row, then O = P·V (a second GEMM).
+fn attention_blocked(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: &AttnShape, out: &mut [f32]) {
+    let d = s.head_dim;
+    let q_row = s.n_head * d;
+    let kv_row = s.n_kv_head * d;
+    let group = s.n_head / s.n_kv_head;
+    out.par_chunks_mut(QUERY_BLOCK * q_row)
+        .enumerate()
+        .for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(scores, o), (b, out_b)| {
+                let t0 = b * QUERY_BLOCK;
+                let m = out_b.len() / q_row;
+                let lo = first_key(pos0 + t0, s.window);
+                let hi = pos0 + t0 + m; // exclusive: the last query sees itself
+                let n = hi - lo;
+                scores.resize(m * n, 0.0);
+                o.resize(m * d, 0.0);
+                for h in 0..s.n_head {
+                    let off = (h / group) * d;
+                    let qh = &q[t0 * q_row + h * d..];
+                    let kh = &k[lo * kv_row + off..];
+                    let vh = &v[lo * kv_row + off..];
+                    gemm_nt(m, n, d, qh, q_row, kh, kv_row, scores, n);
+                    for (i, row) in scores.chunks_exact_mut(n).enumerate() {
+                        let pos = pos0 + t0 + i;
+                        // Visible keys of this query, as indices into `row`.
+                        let (a, z) = (first_key(pos, s.window) - lo, pos + 1 - lo);
+                        let max =
+                            row[a..z].iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) * s.scale;
+                        let mut sum = 0.0f32;
+                        for x in &mut row[a..z] {
+                            *x = (*x * s.scale - max).exp();
+                            sum += *x;
+                        }
+                        let inv = 1.0 / sum;
+                        row[a..z].iter_mut().for_each(|x| *x *= inv);
+                        row[..a].fill(0.0);
+                        row[z..].fill(0.0);
+                    }
+                    gemm_nn(m, d, n, scores, n, vh, kv_row, o, d);
+                    for (dst, src) in out_b.chunks_exact_mut(q_row).zip(o.chunks_exact(d)) {
+                        dst[h * d..(h + 1) * d].copy_from_slice(src);
+                    }
+                }
+            },
+        );
+}
+
+/// One task per (query, head): dot products against each visible key.
+fn attention_rows(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: &AttnShape, out: &mut [f32]) {
     let d = s.head_dim;
     let q_row = s.n_head * d;
     let kv_row = s.n_kv_head * d;
@@ -36,7 +109,7 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], pos0: usize, s: &AttnShape, ou
         .for_each_init(Vec::new, |scores, (i, o)| {
             let (t, h) = (i / s.n_head, i % s.n_head);
             let pos = pos0 + t;
-            let lo = s.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+            let lo = first_key(pos, s.window);
             let qh = &q[t * q_row + h * d..][..d];
             let off = (h / group) * d;
             scores.clear();

@@ -1,6 +1,7 @@
-//! f32 GEMM through the `gemm` crate, in the one layout the CPU backend
-//! needs: C (m×n) = A (m×k) · Bᵀ with B stored as n rows of k (a band of
-//! decoded weight rows). Bounds are checked with overflow-checked arithmetic.
+//! f32 GEMM through the `gemm` crate, in the layouts the CPU backend needs:
+//! C = A·Bᵀ with B stored as n rows of k (decoded weight rows, keys), and
+//! C = A·B (attention weights times values). Bounds are checked with
+//! overflow-checked arithmetic.
 
 use gemm::Parallelism;
 
@@ -87,6 +88,54 @@ pub unsafe fn gemm_nt_raw(
     }
 }
 
+/// `c[i·ldc + j] = Σ_p a[i·lda + p] · b[p·ldb + j]`: C (m×n) = A (m×k) · B (k×n).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_nn(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    ldb: usize,
+    c: &mut [f32],
+    ldc: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(a.len() >= extent(m, k, lda, "A"), "gemm_nn: A too short");
+    assert!(
+        k == 0 || b.len() >= extent(k, n, ldb, "B"),
+        "gemm_nn: B too short"
+    );
+    assert!(c.len() >= extent(m, n, ldc, "C"), "gemm_nn: C too short");
+    // SAFETY: every index is in bounds (checked above); C is borrowed mutably.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            false,
+            a.as_ptr(),
+            1,
+            lda as isize,
+            b.as_ptr(),
+            1,
+            ldb as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,6 +162,21 @@ mod tests {
                 }
                 let want: f32 = (0..k).map(|p| a[i * k + p] * b[j * k + p]).sum();
                 assert!((got - want).abs() < 1e-4, "{got} vs {want}");
+            }
+        }
+    }
+
+    #[test]
+    fn nn_matches_a_naive_product() {
+        let (m, n, k) = (5, 9, 11);
+        let a: Vec<f32> = (0..m * k).map(|i| (i % 7) as f32 - 3.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i % 5) as f32 * 0.5).collect();
+        let mut c = vec![0.0; m * n];
+        gemm_nn(m, n, k, &a, k, &b, n, &mut c, n);
+        for i in 0..m {
+            for j in 0..n {
+                let want: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
+                assert!((c[i * n + j] - want).abs() < 1e-4);
             }
         }
     }
