@@ -8,7 +8,7 @@
 mod common;
 
 use edgetune::backend::cpu::{CpuDecoder, CpuOptions, Logits, MatvecMode};
-use edgetune::infer::{argmax, perplexity};
+use edgetune::infer::{GenerateOptions, StopReason, argmax, generate, perplexity};
 use edgetune::model::Model;
 use edgetune::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use serde_json::Value;
@@ -217,4 +217,41 @@ fn scoring_is_cancelled_by_its_progress_callback() {
         r.map(|s| s.nll)
     );
     assert_eq!(calls, 1, "stops after the first window");
+}
+
+#[test]
+fn generation_streams_and_stops_from_its_callback() {
+    let Some(m) = open("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let tok = Tokenizer::from_gguf(m.file()).unwrap();
+    let dec = CpuDecoder::new(&m).unwrap();
+    let prompt = tok.encode("The capital of France is", true).unwrap();
+    let opts = GenerateOptions {
+        max_tokens: 20,
+        ..Default::default()
+    };
+    // Streamed pieces concatenate to the returned text, which decodes the ids.
+    let mut streamed = String::new();
+    let g = generate(&dec, &tok, &prompt, &opts, &mut |piece| {
+        streamed.push_str(piece);
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(g.stop, StopReason::MaxTokens);
+    assert_eq!(g.tokens.len(), 20);
+    assert_eq!(streamed, g.text);
+    assert_eq!(g.text, tok.decode(&g.tokens));
+    // Stopping after the third call: three tokens, no more.
+    let mut calls = 0;
+    let g = generate(&dec, &tok, &prompt, &opts, &mut |_| {
+        calls += 1;
+        if calls == 3 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    })
+    .unwrap();
+    assert_eq!((g.stop, g.tokens.len(), calls), (StopReason::Stopped, 3, 3));
 }

@@ -60,7 +60,8 @@ pub struct Generation {
 }
 
 /// Generate after `prompt` (token ids, special tokens included), calling
-/// `on_text` with each newly completed piece of text; it may stop generation
+/// `on_text` after each token with the text it completed (possibly empty:
+/// a character can span tokens); it may stop generation
 /// by returning `Break`.
 pub fn generate(
     decoder: &CpuDecoder,
@@ -102,7 +103,9 @@ pub fn generate(
         }
         let piece = stream.push(tokenizer, id);
         text.push_str(&piece);
-        if !piece.is_empty() && on_text(&piece).is_break() {
+        // Called for every token, even one that completes no character yet
+        // (empty `piece`), so the caller can always stop between tokens.
+        if on_text(&piece).is_break() {
             break StopReason::Stopped;
         }
         if cache.len() >= capacity {
@@ -114,7 +117,9 @@ pub fn generate(
     let rest = stream.finish();
     if !rest.is_empty() {
         text.push_str(&rest);
-        let _ = on_text(&rest);
+        if stop != StopReason::Stopped {
+            let _ = on_text(&rest);
+        }
     }
     Ok(Generation {
         prompt_tokens: prompt.len(),
