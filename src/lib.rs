@@ -6,6 +6,22 @@
 //! [`model`] reads the architecture and [`backend`] runs it; [`infer`] turns
 //! logits into generated text and perplexities.
 //!
+//! ```no_run
+//! use edgetune::{backend::cpu::CpuDecoder, infer, model::Model, tokenizer::Tokenizer};
+//! use std::ops::ControlFlow;
+//!
+//! let model = Model::open("models/SmolLM2-135M-Instruct.Q4_1.gguf")?;
+//! let tokenizer = Tokenizer::from_gguf(model.file())?;
+//! let decoder = CpuDecoder::new(&model)?;
+//! let prompt = tokenizer.encode("The capital of France is", true)?;
+//! let out = infer::generate(&decoder, &tokenizer, &prompt, &Default::default(), &mut |piece| {
+//!     print!("{piece}");
+//!     ControlFlow::Continue(())
+//! })?;
+//! println!("\n{} tokens in {:.2} s", out.tokens.len(), out.generate_seconds);
+//! # Ok::<(), edgetune::Error>(())
+//! ```
+//!
 //! See `ARCHITECTURE.md` for the shape of the whole.
 
 pub mod backend;
