@@ -63,6 +63,10 @@ fn a_file_that_is_not_gguf_is_named_in_the_error() {
     let err = stderr(&o);
     assert!(err.contains("notes.gguf") && err.contains("magic"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    // A directory given as the model.
+    let o = edgetune(&["info", dir.path().to_str().unwrap()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not a regular file"), "{}", stderr(&o));
     let o = edgetune(&["info", dir.path().join("missing.gguf").to_str().unwrap()]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("missing.gguf"));
@@ -108,6 +112,10 @@ fn generate_greedy_and_json() {
     // The reference's greedy continuation starts " Paris.\n".
     assert_eq!(v["tokens"], serde_json::json!([7042, 30, 198]));
     assert_eq!(v["text"], " Paris.\n");
+    // Absurd thread counts are refused before any thread is spawned.
+    let o = edgetune(&["generate", &m, "--prompt", "hi", "--threads", "100000"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("worker threads"), "{}", stderr(&o));
     // Streaming prints the same text.
     let o = edgetune(&[
         "generate",

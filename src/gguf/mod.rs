@@ -90,10 +90,15 @@ impl GgufFile {
     pub fn open(path: impl AsRef<Path>) -> crate::Result<GgufFile> {
         let path = path.as_ref();
         let file = std::fs::File::open(path).map_err(|e| crate::Error::io(path, e))?;
-        let len = file
-            .metadata()
-            .map_err(|e| crate::Error::io(path, e))?
-            .len();
+        let meta = file.metadata().map_err(|e| crate::Error::io(path, e))?;
+        if !meta.is_file() {
+            return Err(crate::Error::Gguf {
+                path: path.to_path_buf(),
+                msg: "not a regular file (a directory or device?): expected a .gguf model file"
+                    .into(),
+            });
+        }
+        let len = meta.len();
         // Mapping an empty file fails on some platforms; let the parser report it.
         let bytes = if len == 0 {
             Bytes::Owned(Vec::new())

@@ -91,8 +91,17 @@ pub struct CpuDecoder<'m> {
     pool: Arc<rayon::ThreadPool>,
 }
 
+/// Most worker threads a decoder accepts (far more than any CPU here has; a
+/// larger number is a typo, and would exhaust memory spawning threads).
+pub const MAX_THREADS: usize = 1024;
+
 /// A thread pool of `threads` workers (`0`: one per core).
 fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
+    if threads > MAX_THREADS {
+        return Err(Error::Invalid(format!(
+            "{threads} worker threads requested; at most {MAX_THREADS} are allowed"
+        )));
+    }
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
         .thread_name(|i| format!("edgetune-cpu-{i}"))
