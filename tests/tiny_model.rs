@@ -21,6 +21,24 @@ struct Cfg {
     ty: GgmlType,
 }
 
+impl Cfg {
+    /// A small llama: GQA (4 query heads, 2 key/value heads), head_dim 16.
+    fn llama(ty: GgmlType, n_layer: usize) -> Cfg {
+        Cfg {
+            arch: "llama",
+            n_embd: 64,
+            n_head: 4,
+            n_kv: 2,
+            head_dim: 16,
+            n_ff: 96,
+            n_vocab: 50,
+            n_layer,
+            window: 0,
+            ty,
+        }
+    }
+}
+
 /// Deterministic pseudo-random values in [-scale, scale).
 fn values(seed: u64, n: usize, scale: f32) -> Vec<f32> {
     let mut s = seed
@@ -319,18 +337,7 @@ fn check(c: Cfg) {
 #[test]
 fn tiny_llama_matches_naive_forward() {
     for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_1] {
-        check(Cfg {
-            arch: "llama",
-            n_embd: 64,
-            n_head: 4,
-            n_kv: 2,
-            head_dim: 16,
-            n_ff: 96,
-            n_vocab: 50,
-            n_layer: 2,
-            window: 0,
-            ty,
-        });
+        check(Cfg::llama(ty, 2));
     }
 }
 
@@ -357,18 +364,7 @@ fn tiny_gemma3_matches_naive_forward_with_sliding_window() {
 fn bad_token_and_full_context_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
-    let c = Cfg {
-        arch: "llama",
-        n_embd: 64,
-        n_head: 4,
-        n_kv: 2,
-        head_dim: 16,
-        n_ff: 96,
-        n_vocab: 50,
-        n_layer: 1,
-        window: 0,
-        ty: GgmlType::F32,
-    };
+    let c = Cfg::llama(GgmlType::F32, 1);
     write_model(&c, &path);
     let model = Model::open(&path).unwrap();
     let dec = CpuDecoder::new(&model).unwrap();
@@ -413,18 +409,7 @@ fn missing_tensor_is_named() {
 fn fast_matvec_stays_close_to_exact_decoding() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
-    let c = Cfg {
-        arch: "llama",
-        n_embd: 64,
-        n_head: 4,
-        n_kv: 2,
-        head_dim: 16,
-        n_ff: 96,
-        n_vocab: 50,
-        n_layer: 2,
-        window: 0,
-        ty: GgmlType::Q4_1,
-    };
+    let c = Cfg::llama(GgmlType::Q4_1, 2);
     write_model(&c, &path);
     let model = Model::open(&path).unwrap();
     let exact = CpuDecoder::with_options(
