@@ -79,7 +79,7 @@ fn check_prompts(model: &Model, refs: &Value) {
             "{name}: logits mean {mean}"
         );
         eprintln!(
-            "{name}: {} input ids equal, top-10 logits within {worst:.4}",
+            "{name}: {} input ids equal, top-10 logits within {worst:.1e}",
             input.len()
         );
 
