@@ -255,3 +255,37 @@ fn generation_streams_and_stops_from_its_callback() {
     .unwrap();
     assert_eq!((g.stop, g.tokens.len(), calls), (StopReason::Stopped, 3, 3));
 }
+
+#[test]
+fn long_prompts_run_in_chunks_with_the_same_result() {
+    let Some(m) = open("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let tok = Tokenizer::from_gguf(m.file()).unwrap();
+    let dec = CpuDecoder::new(&m).unwrap();
+    let text =
+        std::fs::read_to_string(root().join("tests/reference/texts/mpl-2.0-head.txt")).unwrap();
+    let prompt = tok.encode(&text, false).unwrap()[..600].to_vec();
+    // One pass over all 600 tokens.
+    let mut cache = dec.new_cache(601);
+    let want = argmax(&dec.forward(&prompt, &mut cache, Logits::Last).unwrap());
+    // generate() runs them as 512 + 88 and calls back once between chunks.
+    let mut calls = 0;
+    let opts = GenerateOptions {
+        max_tokens: 1,
+        ..Default::default()
+    };
+    let g = generate(&dec, &tok, &prompt, &opts, &mut |_| {
+        calls += 1;
+        ControlFlow::Continue(())
+    })
+    .unwrap();
+    assert_eq!(g.tokens, vec![want]);
+    assert_eq!(
+        calls, 2,
+        "one call after the first chunk, one for the token"
+    );
+    // Cancelling between chunks.
+    let r = generate(&dec, &tok, &prompt, &opts, &mut |_| ControlFlow::Break(()));
+    assert!(matches!(r, Err(edgetune::Error::Cancelled)));
+}

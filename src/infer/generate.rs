@@ -8,6 +8,9 @@ use crate::{Error, Result};
 use std::ops::ControlFlow;
 use std::time::Instant;
 
+/// Prompt tokens run in one batched pass; longer prompts take several.
+const PREFILL_CHUNK: usize = 512;
+
 /// Options of [`generate`].
 #[derive(Debug, Clone)]
 pub struct GenerateOptions {
@@ -61,8 +64,9 @@ pub struct Generation {
 
 /// Generate after `prompt` (token ids, special tokens included), calling
 /// `on_text` after each token with the text it completed (possibly empty:
-/// a character can span tokens); it may stop generation
-/// by returning `Break`.
+/// a character can span tokens); it may stop generation by returning
+/// `Break`. Long prompts are run in chunks, with an empty `on_text` call
+/// after each full chunk; `Break` there returns [`Error::Cancelled`].
 pub fn generate(
     decoder: &CpuDecoder,
     tokenizer: &Tokenizer,
@@ -89,7 +93,15 @@ pub fn generate(
     let mut tokens = Vec::new();
 
     let t0 = Instant::now();
-    let mut logits = decoder.forward(prompt, &mut cache, Logits::Last)?;
+    // The prompt in chunks: bounded activation memory for long prompts, and
+    // a chance to stop between chunks (the callback sees an empty piece).
+    let mut logits = Vec::new();
+    for chunk in prompt.chunks(PREFILL_CHUNK) {
+        logits = decoder.forward(chunk, &mut cache, Logits::Last)?;
+        if chunk.len() == PREFILL_CHUNK && on_text("").is_break() {
+            return Err(Error::Cancelled);
+        }
+    }
     let prompt_seconds = t0.elapsed().as_secs_f64();
     let t1 = Instant::now();
     let stop = loop {
