@@ -63,29 +63,7 @@ pub unsafe fn gemm_nt_raw(
     extent(m, n, ldc, "C");
     // SAFETY: A(i,p) at i·lda + p and B(p,j) at j·ldb + p are in bounds (checked
     // above); C's elements are the caller's to write (the contract).
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            c,
-            1,
-            ldc as isize,
-            false,
-            a.as_ptr(),
-            1,
-            lda as isize,
-            b.as_ptr(),
-            ldb as isize,
-            1,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        );
-    }
+    unsafe { kernel(m, n, k, a, lda, b, (ldb, 1), c, ldc) }
 }
 
 /// `c[i·ldc + j] = Σ_p a[i·lda + p] · b[p·ldb + j]`: C (m×n) = A (m×k) · B (k×n).
@@ -111,12 +89,33 @@ pub fn gemm_nn(
     );
     assert!(c.len() >= extent(m, n, ldc, "C"), "gemm_nn: C too short");
     // SAFETY: every index is in bounds (checked above); C is borrowed mutably.
+    unsafe { kernel(m, n, k, a, lda, b, (1, ldb), c.as_mut_ptr(), ldc) }
+}
+
+/// The one call into `gemm`: C (row stride `ldc`) = A (row stride `lda`) · B,
+/// where B(p, j) is at `b[j·b_col + p·b_row]` for `(b_col, b_row)`.
+///
+/// # Safety
+/// Every element the product reads or writes is in bounds of `a`, `b` and `c`.
+#[allow(clippy::too_many_arguments)]
+unsafe fn kernel(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    lda: usize,
+    b: &[f32],
+    (b_col, b_row): (usize, usize),
+    c: *mut f32,
+    ldc: usize,
+) {
+    // SAFETY: forwarded from the caller.
     unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            c.as_mut_ptr(),
+            c,
             1,
             ldc as isize,
             false,
@@ -124,8 +123,8 @@ pub fn gemm_nn(
             1,
             lda as isize,
             b.as_ptr(),
-            1,
-            ldb as isize,
+            b_col as isize,
+            b_row as isize,
             1.0,
             1.0,
             false,
