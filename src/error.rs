@@ -37,6 +37,9 @@ pub enum Error {
     /// An argument or input is invalid; the message says which.
     #[error("{0}")]
     Invalid(String),
+    /// The GPU could not be opened or failed to run a kernel.
+    #[error("gpu: {0}")]
+    Gpu(String),
     /// The caller cancelled the operation.
     #[error("cancelled")]
     Cancelled,

@@ -10,48 +10,11 @@ mod common;
 use edgetune::backend::cpu::{CpuDecoder, CpuOptions, Logits, MatvecMode};
 use edgetune::infer::{GenerateOptions, StopReason, argmax, generate, perplexity};
 use edgetune::model::Model;
-use edgetune::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
+use edgetune::tokenizer::Tokenizer;
 use serde_json::Value;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn reference(name: &str) -> Value {
-    let p = root().join("tests/reference").join(name);
-    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
-}
-
-fn open(file: &str) -> Option<Model> {
-    common::model_file(file).map(|p| Model::open(p).unwrap())
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
-
-/// Prompt ids as the reference made them: chats rendered with the model's
-/// template (nothing added after), plain text with the default specials.
-fn encode_prompt(model: &Model, tok: &Tokenizer, p: &Value) -> Vec<u32> {
-    match p["chat"].as_array() {
-        Some(chat) => {
-            let msgs: Vec<ChatMessage> =
-                serde_json::from_value(Value::Array(chat.clone())).unwrap();
-            // As the CLI does it.
-            let t = ChatTemplate::for_model(model.file(), tok, None).unwrap();
-            let text = t.render(&msgs, true).unwrap();
-            assert_eq!(text, p["text"].as_str().unwrap(), "rendered chat differs");
-            t.encode(tok, &msgs, true).unwrap()
-        }
-        None => tok.encode(p["text"].as_str().unwrap(), true).unwrap(),
-    }
-}
+use common::{encode_prompt, ids, open, reference, root};
 
 fn check_prompts(model: &Model, refs: &Value) {
     let tok = Tokenizer::from_gguf(model.file()).unwrap();

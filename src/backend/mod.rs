@@ -1,2 +1,123 @@
-//! Backends that execute model ops.
+//! Backends that execute model ops, and the interface the inference and
+//! training code drives them through: a [`Decoder`] (a model prepared on a
+//! device) opens [`Session`]s (a KV cache and working memory on that device).
+
 pub mod cpu;
+pub mod gpu;
+mod pick;
+
+pub use pick::{Pick, argmax, draw_sorted};
+
+use crate::Result;
+use crate::model::DecoderSpec;
+use crate::quant::GgmlType;
+
+/// Which positions' logits a forward pass returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// Only the last token's: `(1, n_vocab)`.
+    Last,
+    /// Every token's: `(n_tok, n_vocab)`.
+    All,
+}
+
+/// A model prepared to run on one device.
+pub trait Decoder: Send + Sync {
+    /// The model's description.
+    fn spec(&self) -> &DecoderSpec;
+    /// The device, for people: `cpu (2 threads)`, `gpu: NVIDIA … (Vulkan)`.
+    fn device_name(&self) -> String;
+    /// `"cpu"` or `"gpu"`.
+    fn backend(&self) -> &'static str;
+    /// An empty session (KV cache and working memory) for up to `capacity` tokens.
+    fn session(&self, capacity: usize) -> Result<Box<dyn Session + '_>>;
+    /// Seconds one product `y = x·Wᵀ` of `n_tok` tokens takes on this device,
+    /// `W` being `rows × cols` of type `ty` in GGUF layout (`data`); the
+    /// median of `reps` runs after a warm-up.
+    fn time_matmul(
+        &self,
+        ty: GgmlType,
+        rows: usize,
+        cols: usize,
+        data: &[u8],
+        n_tok: usize,
+        reps: usize,
+    ) -> Result<f64>;
+}
+
+/// A KV cache and its working memory on one device: tokens are appended by
+/// forward passes.
+pub trait Session {
+    /// Tokens held.
+    fn len(&self) -> usize;
+    /// True when no token has been run.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Most tokens the session holds.
+    fn capacity(&self) -> usize;
+    /// Forget every token.
+    fn clear(&mut self);
+    /// Run `tokens` after those held (keys and values only; nothing returned).
+    fn run(&mut self, tokens: &[u32]) -> Result<()>;
+    /// Run `tokens` after those held and return logits.
+    fn forward(&mut self, tokens: &[u32], which: Logits) -> Result<Vec<f32>>;
+    /// Run `tokens` after those held and choose the next token from the last
+    /// position's logits (on the GPU only the token comes back).
+    fn forward_pick(&mut self, tokens: &[u32], pick: &Pick) -> Result<u32>;
+    /// Run `tokens` after those held and return, for each position `p`, the
+    /// negative log-likelihood of `targets[p]`.
+    fn forward_nll(&mut self, tokens: &[u32], targets: &[u32]) -> Result<Vec<f64>>;
+    /// Kernel launches of a one-token step (0 where the notion does not apply).
+    fn dispatches_per_token(&self) -> usize {
+        0
+    }
+}
+
+/// Check that `tokens` is a non-empty run of ids in the vocabulary that fits
+/// after `len` held tokens in `capacity`.
+pub(crate) fn check_tokens(
+    spec: &DecoderSpec,
+    tokens: &[u32],
+    len: usize,
+    capacity: usize,
+) -> Result<()> {
+    use crate::Error;
+    if tokens.is_empty() {
+        return Err(Error::Invalid(
+            "a forward pass needs at least one token".into(),
+        ));
+    }
+    if let Some(&t) = tokens.iter().find(|&&t| t as usize >= spec.n_vocab) {
+        return Err(Error::Invalid(format!(
+            "token id {t} is outside the vocabulary (size {})",
+            spec.n_vocab
+        )));
+    }
+    if len + tokens.len() > capacity {
+        return Err(Error::Invalid(format!(
+            "{} tokens do not fit the context: {len} already held, capacity {capacity}",
+            tokens.len()
+        )));
+    }
+    Ok(())
+}
+
+/// One target per token, each in the vocabulary.
+pub(crate) fn check_targets(s: &DecoderSpec, tokens: &[u32], targets: &[u32]) -> Result<()> {
+    use crate::Error;
+    if targets.len() != tokens.len() {
+        return Err(Error::Invalid(format!(
+            "{} targets for {} tokens",
+            targets.len(),
+            tokens.len()
+        )));
+    }
+    if let Some(&t) = targets.iter().find(|&&t| t as usize >= s.n_vocab) {
+        return Err(Error::Invalid(format!(
+            "target id {t} is outside the vocabulary (size {})",
+            s.n_vocab
+        )));
+    }
+    Ok(())
+}

@@ -4,8 +4,9 @@ use super::{ModelArgs, emit, keep_going, print_json, progress_bar, report};
 use clap::Args;
 use edgetune::Error;
 use edgetune::backend::cpu::MatvecMode;
-use edgetune::infer::{BenchOptions, bench};
+use edgetune::infer::{BenchOptions, FormatBenchOptions, bench, bench_formats};
 use edgetune::model::Model;
+use edgetune::quant::GgmlType;
 use std::time::Instant;
 
 /// Arguments of `bench`.
@@ -22,9 +23,25 @@ pub struct BenchArgs {
     /// Repetitions (the median is reported).
     #[arg(long, default_value_t = 3)]
     repetitions: usize,
+    /// Skip the per-format matrix product benchmark.
+    #[arg(long)]
+    no_formats: bool,
+    /// Shape of the per-format product: TOKENS,ROWS,COLS
+    /// [default: 256,1024,1024; 512,4096,4096 on a hardware GPU]
+    #[arg(long, value_name = "T,R,C", value_parser = parse_shape)]
+    matmul_shape: Option<[usize; 3]>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
+}
+
+fn parse_shape(s: &str) -> Result<[usize; 3], String> {
+    let v: Vec<usize> = s
+        .split(',')
+        .map(|p| p.trim().parse::<usize>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("expected TOKENS,ROWS,COLS: {e}"))?;
+    <[usize; 3]>::try_from(v).map_err(|_| "expected three numbers: TOKENS,ROWS,COLS".into())
 }
 
 pub fn run(a: BenchArgs) -> Result<(), Error> {
@@ -38,36 +55,69 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
         gen_tokens: a.gen_tokens,
         repetitions: a.repetitions,
     };
-    // Steps: prompt and exact generation runs, then --fast generation runs.
+    let cpu = decoder.backend() == "cpu";
+    let software = decoder.device_name().contains("software");
+    let [tokens, rows, cols] = a.matmul_shape.unwrap_or(if cpu || software {
+        [256, 1024, 1024]
+    } else {
+        [512, 4096, 4096]
+    });
+    let formats = if a.no_formats {
+        Vec::new()
+    } else {
+        let pb = progress_bar(GgmlType::ALL.len(), "matrix products");
+        let f = bench_formats(
+            decoder.as_ref(),
+            FormatBenchOptions {
+                tokens,
+                rows,
+                cols,
+                repetitions: a.repetitions,
+            },
+            &mut |done, _| {
+                pb.set_position(done as u64);
+                keep_going()
+            },
+        )?;
+        pb.finish_and_clear();
+        f
+    };
+    // Steps: prompt and exact generation runs, then (CPU) --fast generation runs.
     let gen_reps = if a.gen_tokens > 0 { a.repetitions } else { 0 };
     let first = gen_reps.saturating_add(if a.prompt_tokens > 0 {
         a.repetitions
     } else {
         0
     });
-    let pb = progress_bar(first.saturating_add(gen_reps), "benchmarking");
-    let r = bench(&decoder, opts, &mut |done, _| {
+    let fast_reps = if cpu { gen_reps } else { 0 };
+    let pb = progress_bar(first.saturating_add(fast_reps), "benchmarking");
+    let r = bench(decoder.as_ref(), opts, &mut |done, _| {
         pb.set_position(done as u64);
         keep_going()
     })?;
-    let fast = a.model.decoder(&model, MatvecMode::Q8)?;
-    let q8 = bench(
-        &fast,
-        BenchOptions {
-            prompt_tokens: 0,
-            ..opts
-        },
-        &mut |done, _| {
-            pb.set_position(first.saturating_add(done) as u64);
-            keep_going()
-        },
-    )?;
+    let q8 = if cpu {
+        let fast = a.model.decoder(&model, MatvecMode::Q8)?;
+        Some(bench(
+            fast.as_ref(),
+            BenchOptions {
+                prompt_tokens: 0,
+                ..opts
+            },
+            &mut |done, _| {
+                pb.set_position(first.saturating_add(done) as u64);
+                keep_going()
+            },
+        )?)
+    } else {
+        None
+    };
     pb.finish_and_clear();
     let peak_rss = peak_rss_mb();
     if a.json {
         return print_json(&serde_json::json!({
             "result": r,
-            "gen_tokens_per_s_q8": q8.gen_tokens_per_s,
+            "gen_tokens_per_s_q8": q8.map(|q| q.gen_tokens_per_s),
+            "formats": formats,
             "load_seconds": load_s,
             "peak_rss_mb_after_load": load_rss,
             "peak_rss_mb": peak_rss,
@@ -80,14 +130,31 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
         model.file().path().display(),
         model.spec().arch
     );
-    report!(out, "device      cpu, {} threads", r.threads);
+    report!(out, "device      {}", r.device);
     let mb = |v: Option<f64>| v.map_or("?".into(), |v| format!("{v:.0} MB"));
     report!(
         out,
-        "load        {:.3} s (memory-mapped), peak RSS {}",
+        "load        {:.3} s ({}), peak RSS {}",
         load_s,
+        if cpu {
+            "memory-mapped"
+        } else {
+            "memory-mapped, uploaded"
+        },
         mb(load_rss)
     );
+    if !formats.is_empty() {
+        report!(out, "matmul      {tokens} tokens × {rows}×{cols} weights");
+        for f in &formats {
+            report!(
+                out,
+                "  {:<6} {:>9.2} GFLOP/s  ({:.2} ms)",
+                f.format,
+                f.gflops,
+                f.seconds * 1e3
+            );
+        }
+    }
     report!(
         out,
         "prompt      {:.1} tokens/s  (pp{})",
@@ -100,12 +167,21 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
         r.gen_tokens_per_s,
         r.gen_tokens
     );
-    report!(
-        out,
-        "generation  {:.1} tokens/s  (tg{}, --fast: 8-bit activations)",
-        q8.gen_tokens_per_s,
-        r.gen_tokens
-    );
+    if let Some(q8) = q8 {
+        report!(
+            out,
+            "generation  {:.1} tokens/s  (tg{}, --fast: 8-bit activations)",
+            q8.gen_tokens_per_s,
+            r.gen_tokens
+        );
+    }
+    if r.dispatches_per_token > 0 {
+        report!(
+            out,
+            "dispatches  {} per generated token, one submission",
+            r.dispatches_per_token
+        );
+    }
     report!(out, "peak RSS    {}", mb(peak_rss));
     emit(&out)
 }

@@ -91,7 +91,7 @@ pub fn run(a: GenerateArgs) -> Result<(), Error> {
     };
     let mut stdout = std::io::stdout().lock();
     let json = a.json;
-    let g = generate(&decoder, &tokenizer, &prompt, &opts, &mut |piece| {
+    let g = generate(decoder.as_ref(), &tokenizer, &prompt, &opts, &mut |piece| {
         if !json {
             // A closed pipe (`| head`) ends generation quietly.
             if stdout

@@ -7,11 +7,14 @@ mod score;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use edgetune::Error;
+use edgetune::backend::Decoder;
 use edgetune::backend::cpu::{CpuDecoder, CpuOptions, MatvecMode};
+use edgetune::backend::gpu::{GpuContext, GpuDecoder, GpuOptions};
 use edgetune::model::Model;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The model `models/fetch` downloads and every command uses by default.
@@ -45,10 +48,12 @@ enum Command {
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum Device {
-    /// The best available device (for now, the CPU).
+    /// A hardware GPU when one is present, else the CPU.
     Auto,
     /// The CPU backend.
     Cpu,
+    /// The GPU backend on the best adapter, a software one included.
+    Gpu,
 }
 
 /// Where and how a model runs.
@@ -57,27 +62,71 @@ pub struct RunArgs {
     /// Device to run on.
     #[arg(long, value_enum, default_value = "auto")]
     pub device: Device,
-    /// Worker threads (default: one per core).
+    /// GPU adapter: part of its name or its index in `info --devices`
+    /// [default: $EDGETUNE_ADAPTER, else the best]. Implies the GPU.
+    #[arg(long, value_name = "NAME")]
+    pub gpu_adapter: Option<String>,
+    /// CPU worker threads (default: one per core).
     #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     pub threads: usize,
 }
 
 impl RunArgs {
-    /// The decoder for `model` on the chosen device and threads.
+    /// The decoder for `model` on the chosen device.
     pub fn decoder<'m>(
         &self,
         model: &'m Model,
         matvec: MatvecMode,
-    ) -> Result<CpuDecoder<'m>, Error> {
-        match self.device {
-            Device::Auto | Device::Cpu => CpuDecoder::with_options(
+    ) -> Result<Box<dyn Decoder + 'm>, Error> {
+        let cpu = || -> Result<Box<dyn Decoder + 'm>, Error> {
+            Ok(Box::new(CpuDecoder::with_options(
                 model,
                 CpuOptions {
                     threads: self.threads,
                     matvec,
                 },
-            ),
+            )?))
+        };
+        let named = self.gpu_adapter.is_some();
+        match self.device {
+            Device::Cpu if named => Err(Error::Invalid(
+                "--gpu-adapter chooses a GPU, but --device cpu was given".into(),
+            )),
+            Device::Cpu => cpu(),
+            Device::Gpu => Ok(Box::new(self.gpu_decoder(model, true)?)),
+            // A named adapter is used even if it is a software one; unnamed,
+            // `auto` takes only hardware and otherwise runs on the CPU.
+            Device::Auto if named => Ok(Box::new(self.gpu_decoder(model, true)?)),
+            Device::Auto => match self.gpu_decoder(model, false) {
+                Ok(d) => Ok(Box::new(d)),
+                Err(Error::Cancelled) => Err(Error::Cancelled),
+                Err(_) => cpu(),
+            },
         }
+    }
+
+    /// The GPU context this run asks for.
+    pub fn gpu_context(&self, allow_software: bool) -> Result<Arc<GpuContext>, Error> {
+        GpuContext::new(&GpuOptions {
+            adapter: self.gpu_adapter.clone(),
+            allow_software,
+            ..Default::default()
+        })
+    }
+
+    fn gpu_decoder<'m>(
+        &self,
+        model: &'m Model,
+        allow_software: bool,
+    ) -> Result<GpuDecoder<'m>, Error> {
+        let ctx = self.gpu_context(allow_software)?;
+        let pb = progress_bar(model.spec().layers.len(), "uploading to the GPU");
+        let d = GpuDecoder::with_progress(model, ctx, &mut |done, _| {
+            pb.set_position(done as u64);
+            keep_going()
+        });
+        pb.finish_and_clear();
+        d
     }
 }
 
@@ -97,12 +146,12 @@ impl ModelArgs {
         model_path(self.model.as_deref())
     }
 
-    /// The decoder for `model` on the chosen device and threads.
+    /// The decoder for `model` on the chosen device.
     pub fn decoder<'m>(
         &self,
         model: &'m Model,
         matvec: MatvecMode,
-    ) -> Result<CpuDecoder<'m>, Error> {
+    ) -> Result<Box<dyn Decoder + 'm>, Error> {
         self.run.decoder(model, matvec)
     }
 }

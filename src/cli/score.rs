@@ -39,7 +39,7 @@ pub fn run(a: ScoreArgs) -> Result<(), Error> {
     let decoder = a.run.decoder(&model, MatvecMode::Exact)?;
     let pb = progress_bar(0, "scoring");
     let s = perplexity(
-        &decoder,
+        decoder.as_ref(),
         &tokenizer,
         &text,
         a.context,

@@ -1,8 +1,8 @@
 //! Throughput of the forward pass: a prompt pass over `prompt_tokens`, and
 //! token-by-token generation, as `llama-bench` measures them (pp512, tg).
 
-use super::sample::argmax;
-use crate::backend::cpu::{CpuDecoder, Logits};
+use crate::backend::{Decoder, Pick};
+use crate::quant::{GgmlType, quantize_row};
 use crate::{Error, Result};
 use serde::Serialize;
 use std::ops::ControlFlow;
@@ -42,8 +42,10 @@ pub struct BenchResult {
     pub gen_tokens_per_s: f64,
     /// Repetitions.
     pub repetitions: usize,
-    /// Worker threads.
-    pub threads: usize,
+    /// The device, as [`Decoder::device_name`] gives it.
+    pub device: String,
+    /// Kernel launches per generated token (GPU; 0 on the CPU).
+    pub dispatches_per_token: usize,
 }
 
 /// Median of the measurements after the placeholder first element (0 if none).
@@ -57,7 +59,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 /// Run the benchmark; `progress(done, total)` after each measurement, `Break` cancels.
 pub fn bench(
-    decoder: &CpuDecoder,
+    decoder: &dyn Decoder,
     opts: BenchOptions,
     progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
 ) -> Result<BenchResult> {
@@ -96,22 +98,21 @@ pub fn bench(
         }
     };
     let mut pp = vec![0.0];
-    let mut cache = decoder.new_cache(opts.prompt_tokens.max(opts.gen_tokens + 1));
+    let mut session = decoder.session(opts.prompt_tokens.max(opts.gen_tokens + 1))?;
     for _ in 0..pp_reps {
-        cache.clear();
+        session.clear();
         let t = Instant::now();
-        decoder.forward(&prompt, &mut cache, Logits::Last)?;
+        session.forward_pick(&prompt, &Pick::Greedy)?;
         pp.push(opts.prompt_tokens as f64 / t.elapsed().as_secs_f64());
         tick(&mut done)?;
     }
     let mut tg = vec![0.0];
     for _ in 0..tg_reps {
-        cache.clear();
+        session.clear();
         let mut tok = prompt[0];
         let t = Instant::now();
         for _ in 0..opts.gen_tokens {
-            let logits = decoder.forward(&[tok], &mut cache, Logits::Last)?;
-            tok = argmax(&logits);
+            tok = session.forward_pick(&[tok], &Pick::Greedy)?;
         }
         tg.push(opts.gen_tokens as f64 / t.elapsed().as_secs_f64());
         tick(&mut done)?;
@@ -122,6 +123,83 @@ pub fn bench(
         gen_tokens: opts.gen_tokens,
         gen_tokens_per_s: median(tg),
         repetitions: opts.repetitions,
-        threads: decoder.threads(),
+        device: decoder.device_name(),
+        dispatches_per_token: session.dispatches_per_token(),
     })
+}
+
+/// Shape of the per-format product [`bench_formats`] times.
+#[derive(Debug, Clone, Copy)]
+pub struct FormatBenchOptions {
+    /// Tokens (rows of `x`).
+    pub tokens: usize,
+    /// Rows of `W` (outputs).
+    pub rows: usize,
+    /// Columns of `W` (inputs; a multiple of 256 suits every format).
+    pub cols: usize,
+    /// Repetitions; the median is reported.
+    pub repetitions: usize,
+}
+
+/// Throughput of one product on one format.
+#[derive(Debug, Clone, Serialize)]
+pub struct FormatFigure {
+    /// The weight format.
+    pub format: String,
+    /// Tokens, rows, columns of the product.
+    pub shape: [usize; 3],
+    /// Median seconds per product.
+    pub seconds: f64,
+    /// `2 · tokens · rows · cols / seconds`, in GFLOP/s.
+    pub gflops: f64,
+}
+
+/// Time `y = x·Wᵀ` for every weight format on `decoder`'s device, with
+/// deterministic pseudo-random weights; `progress(done, total)` after each
+/// format, `Break` cancels.
+pub fn bench_formats(
+    decoder: &dyn Decoder,
+    opts: FormatBenchOptions,
+    progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+) -> Result<Vec<FormatFigure>> {
+    let FormatBenchOptions {
+        tokens,
+        rows,
+        cols,
+        repetitions,
+    } = opts;
+    if tokens == 0 || rows == 0 || cols == 0 || !cols.is_multiple_of(256) {
+        return Err(Error::Invalid(format!(
+            "the format benchmark needs tokens and rows ≥ 1 and columns a multiple of 256, \
+             got {tokens}×{rows}×{cols}"
+        )));
+    }
+    let mut out = Vec::new();
+    let total = GgmlType::ALL.len();
+    for (i, ty) in GgmlType::ALL.into_iter().enumerate() {
+        let row_bytes = ty.row_bytes(cols).expect("cols is a multiple of 256");
+        let mut data = vec![0u8; rows * row_bytes];
+        let mut vals = vec![0.0f32; cols];
+        let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ i as u64;
+        for row in data.chunks_exact_mut(row_bytes) {
+            for v in vals.iter_mut() {
+                state = state
+                    .wrapping_mul(6_364_136_223_846_793_005)
+                    .wrapping_add(1_442_695_040_888_963_407);
+                *v = ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.1;
+            }
+            quantize_row(ty, &vals, row)?;
+        }
+        let seconds = decoder.time_matmul(ty, rows, cols, &data, tokens, repetitions)?;
+        out.push(FormatFigure {
+            format: ty.name().to_string(),
+            shape: [tokens, rows, cols],
+            seconds,
+            gflops: 2.0 * (tokens * rows * cols) as f64 / seconds / 1e9,
+        });
+        if progress(i + 1, total).is_break() {
+            return Err(Error::Cancelled);
+        }
+    }
+    Ok(out)
 }

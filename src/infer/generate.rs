@@ -2,7 +2,7 @@
 //! token at a time, streamed to a callback as complete UTF-8 text.
 
 use super::sample::{Sampler, SamplingParams};
-use crate::backend::cpu::{CpuDecoder, Logits};
+use crate::backend::Decoder;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use std::ops::ControlFlow;
@@ -68,7 +68,7 @@ pub struct Generation {
 /// `Break`. Long prompts are run in chunks, with an empty `on_text` call
 /// after each full chunk; `Break` there returns [`Error::Cancelled`].
 pub fn generate(
-    decoder: &CpuDecoder,
+    decoder: &dyn Decoder,
     tokenizer: &Tokenizer,
     prompt: &[u32],
     opts: &GenerateOptions,
@@ -86,7 +86,7 @@ pub fn generate(
         )));
     }
     let capacity = prompt.len().saturating_add(opts.max_tokens).min(ctx);
-    let mut cache = decoder.new_cache(capacity);
+    let mut session = decoder.session(capacity)?;
     let mut sampler = Sampler::new(opts.sampling);
     let mut stream = tokenizer.stream_decoder();
     let mut text = String::new();
@@ -95,11 +95,17 @@ pub fn generate(
     let t0 = Instant::now();
     // The prompt in chunks: bounded activation memory for long prompts, and
     // a chance to stop between chunks (the callback sees an empty piece).
-    let mut logits = Vec::new();
-    for chunk in prompt.chunks(PREFILL_CHUNK) {
-        logits = decoder.forward(chunk, &mut cache, Logits::Last)?;
-        if chunk.len() == PREFILL_CHUNK && on_text("").is_break() {
-            return Err(Error::Cancelled);
+    // The last chunk also chooses the first generated token.
+    let n_chunks = prompt.len().div_ceil(PREFILL_CHUNK);
+    let mut next = 0;
+    for (i, chunk) in prompt.chunks(PREFILL_CHUNK).enumerate() {
+        if i + 1 < n_chunks {
+            session.run(chunk)?;
+            if on_text("").is_break() {
+                return Err(Error::Cancelled);
+            }
+        } else {
+            next = session.forward_pick(chunk, &sampler.pick())?;
         }
     }
     let prompt_seconds = t0.elapsed().as_secs_f64();
@@ -108,7 +114,7 @@ pub fn generate(
         if tokens.len() >= opts.max_tokens {
             break StopReason::MaxTokens;
         }
-        let id = sampler.sample(&logits);
+        let id = next;
         tokens.push(id);
         if opts.stop_at_end && tokenizer.is_end_of_generation(id) {
             break StopReason::EndOfGeneration;
@@ -120,11 +126,11 @@ pub fn generate(
         if on_text(&piece).is_break() {
             break StopReason::Stopped;
         }
-        if cache.len() >= capacity {
+        if session.len() >= capacity {
             // max_tokens is checked first, so a full cache here is the model's context.
             break StopReason::ContextFull;
         }
-        logits = decoder.forward(&[id], &mut cache, Logits::Last)?;
+        next = session.forward_pick(&[id], &sampler.pick())?;
     };
     let rest = stream.finish();
     if !rest.is_empty() {

@@ -6,7 +6,9 @@ mod generate;
 mod sample;
 mod score;
 
-pub use bench::{BenchOptions, BenchResult, bench};
+pub use bench::{
+    BenchOptions, BenchResult, FormatBenchOptions, FormatFigure, bench, bench_formats,
+};
 pub use generate::{GenerateOptions, Generation, StopReason, generate};
 pub use sample::{Sampler, SamplingParams, argmax};
 pub use score::{Score, perplexity};

@@ -1,6 +1,8 @@
 //! Turning logits into a token: greedy, or temperature with top-k and top-p,
 //! reproducible from a seed.
 
+pub use crate::backend::argmax;
+use crate::backend::{Pick, draw_sorted};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -64,65 +66,25 @@ impl Sampler {
         }
     }
 
-    /// Pick a token from one position's logits.
-    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+    /// The choice for the next token: greedy, or a draw with the next
+    /// number of the random stream. A backend applies it to the logits.
+    pub fn pick(&mut self) -> Pick {
         if self.params.temperature == 0.0 {
-            return argmax(logits);
+            return Pick::Greedy;
         }
-        let c = &mut self.candidates;
-        c.clear();
-        c.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l)));
-        let k = if self.params.top_k == 0 {
-            c.len()
-        } else {
-            self.params.top_k.min(c.len())
-        };
-        if k < c.len() {
-            c.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
-            c.truncate(k);
+        Pick::Draw {
+            temperature: self.params.temperature,
+            top_k: self.params.top_k,
+            top_p: self.params.top_p,
+            u: self.rng.random::<f64>(),
         }
-        c.sort_unstable_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
-        let max = c[0].1;
-        let t = self.params.temperature;
-        let mut sum = 0.0f64;
-        for (_, l) in c.iter_mut() {
-            // Divide (not multiply by 1/t): a tiny t must not give 0·∞ = NaN.
-            *l = ((*l - max) / t).exp();
-            sum += *l as f64;
-        }
-        // Nucleus: the shortest prefix whose mass reaches top_p.
-        let mut keep = c.len();
-        if self.params.top_p < 1.0 {
-            let mut acc = 0.0f64;
-            for (i, (_, p)) in c.iter().enumerate() {
-                acc += *p as f64 / sum;
-                if acc >= self.params.top_p as f64 {
-                    keep = i + 1;
-                    break;
-                }
-            }
-        }
-        let mass: f64 = c[..keep].iter().map(|&(_, p)| p as f64).sum();
-        let mut r = self.rng.random::<f64>() * mass;
-        for &(id, p) in &c[..keep] {
-            r -= p as f64;
-            if r <= 0.0 {
-                return id;
-            }
-        }
-        c[keep - 1].0
     }
-}
 
-/// Index of the largest logit (the first, on ties).
-pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &l) in logits.iter().enumerate() {
-        if l > logits[best] {
-            best = i;
-        }
+    /// Pick a token from one position's logits on the host.
+    pub fn sample(&mut self, logits: &[f32]) -> u32 {
+        let pick = self.pick();
+        draw_sorted(logits, &pick, &mut self.candidates)
     }
-    best as u32
 }
 
 #[cfg(test)]

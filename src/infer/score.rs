@@ -1,17 +1,11 @@
 //! Scoring text: mean negative log-likelihood and perplexity over windows,
 //! exactly as `tests/reference/README.md` defines them.
 
-use crate::backend::cpu::CpuDecoder;
-use crate::backend::cpu::ops::log_sum_exp;
+use crate::backend::Decoder;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use serde::Serialize;
 use std::ops::ControlFlow;
-
-/// Logit values computed at once (64 MB): bounds memory to this instead of a
-/// whole window's `n_tok × n_vocab`, while keeping chunks long enough that the
-/// output matrix is decoded only a few times per window.
-const LOGIT_BUDGET: usize = 16 << 20;
 
 /// The result of [`perplexity`].
 #[derive(Debug, Clone, Serialize)]
@@ -35,7 +29,7 @@ pub struct Score {
 /// by default. `progress(done, total)` is called after each window and may
 /// cancel by returning `Break`.
 pub fn perplexity(
-    decoder: &CpuDecoder,
+    decoder: &dyn Decoder,
     tokenizer: &Tokenizer,
     text: &str,
     context: usize,
@@ -66,28 +60,18 @@ pub fn perplexity(
             decoder.spec().context_length
         )));
     }
-    let mut cache = decoder.new_cache(need);
+    let mut session = decoder.session(need)?;
     let (mut sum, mut count) = (0.0f64, 0usize);
-    let n_embd = decoder.spec().n_embd;
-    let n_vocab = decoder.spec().n_vocab;
-    let chunk = (LOGIT_BUDGET / n_vocab).max(1);
     if progress(0, windows.len()).is_break() {
         return Err(Error::Cancelled);
     }
     for (wi, window) in windows.iter().enumerate() {
         let seq: Vec<u32> = bos.into_iter().chain(window.iter().copied()).collect();
-        cache.clear();
-        let hidden = decoder.forward_hidden(&seq, &mut cache)?;
+        session.clear();
         // Position p predicts seq[p + 1].
-        let n_pred = seq.len() - 1;
-        for start in (0..n_pred).step_by(chunk) {
-            let end = (start + chunk).min(n_pred);
-            let logits = decoder.logits(&hidden[start * n_embd..end * n_embd])?;
-            for (p, row) in (start..end).zip(logits.chunks_exact(n_vocab)) {
-                sum += log_sum_exp(row) - row[seq[p + 1] as usize] as f64;
-            }
-        }
-        count += n_pred;
+        let nll = session.forward_nll(&seq[..seq.len() - 1], &seq[1..])?;
+        sum += nll.iter().sum::<f64>();
+        count += nll.len();
         if progress(wi + 1, windows.len()).is_break() {
             return Err(Error::Cancelled);
         }

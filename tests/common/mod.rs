@@ -1,5 +1,10 @@
-//! Shared by the integration tests: where the real models are.
+//! Shared by the integration tests: where the real models are, and the
+//! reference outputs.
+#![allow(dead_code)]
 
+use edgetune::model::Model;
+use edgetune::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
+use serde_json::Value;
 use std::path::PathBuf;
 
 /// `models/<file>` if it exists. Absent models skip the test with a message,
@@ -20,4 +25,42 @@ pub fn model_file(file: &str) -> Option<PathBuf> {
     }
     eprintln!("skipping: {} is absent (run models/fetch all)", p.display());
     None
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn reference(name: &str) -> Value {
+    let p = root().join("tests/reference").join(name);
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+pub fn open(file: &str) -> Option<Model> {
+    model_file(file).map(|p| Model::open(p).unwrap())
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Prompt ids as the reference made them: chats rendered with the model's
+/// template (nothing added after), plain text with the default specials.
+pub fn encode_prompt(model: &Model, tok: &Tokenizer, p: &Value) -> Vec<u32> {
+    match p["chat"].as_array() {
+        Some(chat) => {
+            let msgs: Vec<ChatMessage> =
+                serde_json::from_value(Value::Array(chat.clone())).unwrap();
+            // As the CLI does it.
+            let t = ChatTemplate::for_model(model.file(), tok, None).unwrap();
+            let text = t.render(&msgs, true).unwrap();
+            assert_eq!(text, p["text"].as_str().unwrap(), "rendered chat differs");
+            t.encode(tok, &msgs, true).unwrap()
+        }
+        None => tok.encode(p["text"].as_str().unwrap(), true).unwrap(),
+    }
 }

@@ -5,6 +5,7 @@
 use super::attention::{AttnShape, attention};
 use super::matmul::{MatvecMode, QMatrix, matmul_with};
 use super::ops::{add_assign, gated_activation, rms_norm, rope};
+use crate::backend::Logits;
 use crate::model::{DecoderSpec, Model, Weight};
 use crate::{Error, Result};
 use std::sync::Arc;
@@ -58,15 +59,6 @@ struct LayerNorms {
     k: Option<Vec<f32>>,
     post_attn: Option<Vec<f32>>,
     post_ffn: Option<Vec<f32>>,
-}
-
-/// Which positions' logits a forward pass returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Logits {
-    /// Only the last token's: `(1, n_vocab)`.
-    Last,
-    /// Every token's: `(n_tok, n_vocab)`.
-    All,
 }
 
 /// How a [`CpuDecoder`] runs.
@@ -142,6 +134,16 @@ impl<'m> CpuDecoder<'m> {
             matvec: options.matvec,
             pool: thread_pool(options.threads)?,
         })
+    }
+
+    /// Run `f` on the decoder's workers.
+    pub fn install<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {
+        self.pool.install(f)
+    }
+
+    /// How single-token products are computed.
+    pub fn matvec_mode(&self) -> MatvecMode {
+        self.matvec
     }
 
     /// Worker threads.

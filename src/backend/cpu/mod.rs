@@ -7,6 +7,9 @@ mod decoder;
 pub mod gemm;
 pub mod matmul;
 pub mod ops;
+mod session;
 
-pub use decoder::{CpuDecoder, CpuOptions, KvCache, Logits};
+pub use crate::backend::Logits;
+pub use decoder::{CpuDecoder, CpuOptions, KvCache};
 pub use matmul::MatvecMode;
+pub use session::CpuSession;
