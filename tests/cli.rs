@@ -2,12 +2,8 @@
 
 mod common;
 
-use std::path::PathBuf;
+use common::root;
 use std::process::{Command, Output};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
 
 fn edgetune(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_edgetune"))
@@ -204,4 +200,96 @@ fn score_json_and_bad_arguments() {
     let o = edgetune(&["score", &m, text.to_str().unwrap(), "--context", "100000"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("context"), "{}", stderr(&o));
+}
+
+/// Whether this machine must have a GPU (CI sets it, with software Vulkan).
+fn gpu_required() -> bool {
+    std::env::var_os("EDGETUNE_REQUIRE_GPU").is_some()
+}
+
+#[test]
+fn info_devices_lists_adapters() {
+    let o = edgetune(&["info", "--devices", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let list = v.as_array().unwrap();
+    if gpu_required() {
+        assert!(!list.is_empty(), "no adapter listed");
+    }
+    for a in list {
+        assert!(a["max_storage_binding"].as_u64().unwrap() > 0);
+        assert!(a["name"].as_str().is_some_and(|n| !n.is_empty()));
+    }
+    let o = edgetune(&["info", "--devices"]);
+    assert!(o.status.success());
+    if gpu_required() {
+        assert!(stdout(&o).contains("storage binding"), "{}", stdout(&o));
+    }
+}
+
+#[test]
+fn score_on_the_gpu_matches_the_cpu() {
+    let Some(m) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let text = root().join("tests/reference/texts/mpl-2.0-head.txt");
+    let short: String = std::fs::read_to_string(text)
+        .unwrap()
+        .chars()
+        .take(200)
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("short.txt");
+    std::fs::write(&file, short).unwrap();
+    let score = |device: &str| {
+        let o = edgetune(&[
+            "score",
+            &m,
+            file.to_str().unwrap(),
+            "--device",
+            device,
+            "--json",
+        ]);
+        (o.status.code(), stdout(&o), stderr(&o))
+    };
+    let (code, out, err) = score("gpu");
+    if code != Some(0) && !gpu_required() && err.contains("gpu:") {
+        eprintln!("skipping: {err}");
+        return;
+    }
+    assert_eq!(code, Some(0), "{err}");
+    let gpu: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (code, out, err) = score("cpu");
+    assert_eq!(code, Some(0), "{err}");
+    let cpu: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let (g, c) = (
+        gpu["perplexity"].as_f64().unwrap(),
+        cpu["perplexity"].as_f64().unwrap(),
+    );
+    eprintln!("score --device gpu {g:.5}, --device cpu {c:.5}");
+    assert_eq!(gpu["tokens"], cpu["tokens"]);
+    assert!((g - c).abs() / c < 1e-3, "gpu {g} vs cpu {c}");
+
+    // Asking for a GPU adapter while forcing the CPU is a usage error.
+    let o = edgetune(&[
+        "score",
+        &m,
+        file.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--gpu-adapter",
+        "x",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--gpu-adapter"), "{}", stderr(&o));
+    // An adapter that does not exist is named.
+    let o = edgetune(&[
+        "score",
+        &m,
+        file.to_str().unwrap(),
+        "--gpu-adapter",
+        "no-such-gpu",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no-such-gpu"), "{}", stderr(&o));
 }
