@@ -1,11 +1,14 @@
-//! Embedding edgetune in an application: load a model, chat with it, and
-//! stream the answer, stopping early from the callback.
+//! Embedding edgetune in an application: load a model, chat with it on a
+//! hardware GPU when there is one (else the CPU), and stream the answer,
+//! stopping early from the callback.
 //!
 //! ```sh
 //! cargo run --release --example generate -- [MODEL] ["your question"]
 //! ```
 
+use edgetune::backend::Decoder;
 use edgetune::backend::cpu::CpuDecoder;
+use edgetune::backend::gpu::{GpuContext, GpuDecoder, GpuOptions};
 use edgetune::infer::{GenerateOptions, SamplingParams, generate};
 use edgetune::model::Model;
 use edgetune::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
@@ -26,7 +29,13 @@ fn main() -> edgetune::Result<()> {
     let template = ChatTemplate::for_model(model.file(), &tokenizer, None)?;
     let prompt = template.encode(&tokenizer, &[ChatMessage::new("user", question)], true)?;
 
-    let decoder = CpuDecoder::new(&model)?;
+    // A hardware GPU if wgpu finds one (software adapters are not chosen
+    // unless asked for), else the CPU: both behind `dyn Decoder`.
+    let decoder: Box<dyn Decoder + '_> = match GpuContext::new(&GpuOptions::default()) {
+        Ok(ctx) => Box::new(GpuDecoder::new(&model, ctx)?),
+        Err(_) => Box::new(CpuDecoder::new(&model)?),
+    };
+    eprintln!("[running on {}]", decoder.device_name());
     let opts = GenerateOptions {
         max_tokens: 200,
         sampling: SamplingParams {
@@ -38,7 +47,7 @@ fn main() -> edgetune::Result<()> {
         stop_at_end: true,
     };
     let mut lines = 0;
-    let out = generate(&decoder, &tokenizer, &prompt, &opts, &mut |piece| {
+    let out = generate(decoder.as_ref(), &tokenizer, &prompt, &opts, &mut |piece| {
         print!("{piece}");
         let _ = std::io::stdout().flush();
         // An application can stop generation at any point: here, after 8 lines.

@@ -4,11 +4,14 @@
 // workgroup ids (wid.x + wid.y * nwg.x) so that more than 65535 rows fit, and
 // workgroups past the last row return at once.
 //
-// Two entry points share the layout of bindings 0..2:
+// Three entry points share the layout of bindings 0..2:
 // - `rms_norm` reads `x` (binding 3) and writes `y` (binding 2);
 // - `rms_norm_inplace` reads and writes `y` (binding 2) and never touches
 //   binding 3, so that the in-place dispatch binds only three buffers (a
-//   buffer may not be bound twice when one of the bindings is writable).
+//   buffer may not be bound twice when one of the bindings is writable);
+// - `add_rms_norm`, the residual step of a block fused with the next norm:
+//   y[r] += (post ? rmsnorm(x[r]) * w2 : x[r]), then h[r] = rmsnorm(y[r]) * w,
+//   where y is the residual stream, x a block's output, h the next input.
 
 const WG: u32 = 128u;
 
@@ -16,7 +19,8 @@ struct Params {
     rows: u32,
     n: u32,
     eps: f32,
-    _pad: u32,
+    // add_rms_norm only: 1 to normalize x (by w2) before adding it.
+    post: u32,
 }
 
 // rows, row length n, eps.
@@ -27,6 +31,12 @@ struct Params {
 @group(0) @binding(2) var<storage, read_write> y: array<f32>;
 // Input, shape (rows, n); only `rms_norm` uses it.
 @group(0) @binding(3) var<storage, read> x: array<f32>;
+
+// add_rms_norm only: the next block's input, shape (rows, n).
+@group(0) @binding(4) var<storage, read_write> h: array<f32>;
+// add_rms_norm only: weight of the norm applied to x before the add, shape (n)
+// (bound to `w` again when params.post is 0; then never read).
+@group(0) @binding(5) var<storage, read> w2: array<f32>;
 
 var<workgroup> partial: array<f32, WG>;
 
@@ -87,5 +97,45 @@ fn rms_norm_inplace(
     let inv = inv_rms(lid, ss);
     for (var i = lid; i < n; i = i + WG) {
         y[base + i] = y[base + i] * inv * w[i];
+    }
+}
+
+@compute @workgroup_size(WG)
+fn add_rms_norm(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let row = wid.x + wid.y * nwg.x;
+    if row >= params.rows {
+        return;
+    }
+    let n = params.n;
+    let base = row * n;
+    var inv_x = 1.0;
+    if params.post != 0u {
+        var ss = 0.0;
+        for (var i = lid; i < n; i = i + WG) {
+            let v = x[base + i];
+            ss = ss + v * v;
+        }
+        inv_x = inv_rms(lid, ss);
+        // Everyone has read partial[0] before it is overwritten below.
+        workgroupBarrier();
+    }
+    var ss = 0.0;
+    for (var i = lid; i < n; i = i + WG) {
+        var add = x[base + i];
+        if params.post != 0u {
+            add = add * inv_x * w2[i];
+        }
+        let v = y[base + i] + add;
+        y[base + i] = v;
+        ss = ss + v * v;
+    }
+    let inv = inv_rms(lid, ss);
+    // Each invocation reads back only the elements it wrote.
+    for (var i = lid; i < n; i = i + WG) {
+        h[base + i] = y[base + i] * inv * w[i];
     }
 }

@@ -64,7 +64,8 @@ struct NormParams {
     rows: u32,
     n: u32,
     eps: f32,
-    _pad: u32,
+    /// `add_rms_norm`: 1 to normalize the added rows first.
+    post: u32,
 }
 
 #[repr(C)]
@@ -75,7 +76,9 @@ struct RopeParams {
     head_dim: u32,
     half: u32,
     halves: u32,
-    _pad: [u32; 3],
+    /// `rope_kv` only.
+    n_kv_heads: u32,
+    _pad: [u32; 2],
 }
 
 #[repr(C)]
@@ -147,6 +150,16 @@ fn element_groups(n: usize, op: &str) -> Result<[u32; 3]> {
 }
 
 fn norm_params(ctx: &GpuContext, rows: usize, n: usize, eps: f32) -> Result<Buffer> {
+    norm_params_post(ctx, rows, n, eps, false)
+}
+
+fn norm_params_post(
+    ctx: &GpuContext,
+    rows: usize,
+    n: usize,
+    eps: f32,
+    post: bool,
+) -> Result<Buffer> {
     let op = "rms_norm";
     if n == 0 {
         return Err(Error::Invalid(format!("{op}: empty rows")));
@@ -156,7 +169,7 @@ fn norm_params(ctx: &GpuContext, rows: usize, n: usize, eps: f32) -> Result<Buff
         rows: to_u32(rows, op, "rows")?,
         n: to_u32(n, op, "n")?,
         eps,
-        _pad: 0,
+        post: u32::from(post),
     };
     Ok(ctx.uniform(&p, "rms_norm params"))
 }
@@ -214,6 +227,46 @@ pub(crate) fn rms_norm_inplace(
     ))
 }
 
+/// The residual step of a block fused with the next norm, per row `r <
+/// rows` of length `n`: `x[r] += post_w.map_or(y[r], |w2| rmsnorm(y[r])·w2)`,
+/// then `h[r] = rmsnorm(x[r])·w`. One dispatch for what would be a post-norm,
+/// an add and a norm.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn add_rms_norm(
+    ctx: &GpuContext,
+    x: &Buffer,
+    y: &Buffer,
+    post_w: Option<&Buffer>,
+    w: &Buffer,
+    h: &Buffer,
+    rows: usize,
+    n: usize,
+    eps: f32,
+) -> Result<Dispatch> {
+    let op = "add_rms_norm";
+    let params = norm_params_post(ctx, rows, n, eps, post_w.is_some())?;
+    check_len(x, rows * n, op, "x")?;
+    check_len(y, rows * n, op, "y")?;
+    check_len(h, rows * n, op, "h")?;
+    check_len(w, n, op, "w")?;
+    if let Some(w2) = post_w {
+        check_len(w2, n, op, "post_w")?;
+    }
+    let p = pipeline(ctx, "ops/norm", op, NORM)?;
+    Ok(ctx.dispatch(
+        &p,
+        &[
+            params.as_entire_binding(),
+            w.as_entire_binding(),
+            x.as_entire_binding(),
+            y.as_entire_binding(),
+            h.as_entire_binding(),
+            post_w.unwrap_or(w).as_entire_binding(),
+        ],
+        groups_1d(rows as u32),
+    ))
+}
+
 /// The `(cos, sin)` table of [`rope`] for positions `0..positions`:
 /// `[pos][i]` for `i < r.dims / 2`, interleaved as `cos, sin`, computed in
 /// f64 exactly as [`crate::backend::cpu::ops::rope`] computes its angles.
@@ -239,6 +292,9 @@ pub(crate) fn rope_table(r: &Rope, positions: usize) -> Vec<f32> {
 /// `(cos, sin)` of `table` ([`rope_table`], covering every position used).
 /// `step` is a uniform [`StepParams`].
 #[allow(clippy::too_many_arguments)]
+// Standalone op (the decoder uses the fused [`rope_kv`]); kept, with its
+// tests, for graphs that rotate without caching.
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn rope(
     ctx: &GpuContext,
     x: &Buffer,
@@ -265,7 +321,8 @@ pub(crate) fn rope(
         head_dim: to_u32(head_dim, op, "head_dim")?,
         half: half as u32,
         halves: u32::from(kind == RopeKind::Halves),
-        _pad: [0; 3],
+        n_kv_heads: 0,
+        _pad: [0; 2],
     };
     let pairs = n_tok * n_heads * half;
     to_u32(n_tok * n_heads * head_dim, op, "elements")?;
@@ -283,8 +340,77 @@ pub(crate) fn rope(
     ))
 }
 
+/// The attention inputs of a step in one dispatch: [`rope`] on the queries
+/// `q` = `(n_tok, n_head · head_dim)` in place, the keys `k` =
+/// `(n_tok, n_kv_head · head_dim)` rotated the same way into `k_cache`, and
+/// the values `v` copied into `v_cache`, at rows `step.pos0 + t` of the caches
+/// (`(capacity, n_kv_head · head_dim)`). Replaces two `rope` and two
+/// [`kv_store`] dispatches.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rope_kv(
+    ctx: &GpuContext,
+    q: &Buffer,
+    k: &Buffer,
+    v: &Buffer,
+    k_cache: &Buffer,
+    v_cache: &Buffer,
+    table: &Buffer,
+    step: &Buffer,
+    n_tok: usize,
+    heads: (usize, usize),
+    head_dim: usize,
+    kind: RopeKind,
+    dims: usize,
+) -> Result<Dispatch> {
+    let op = "rope_kv";
+    let (n_head, n_kv_head) = heads;
+    if dims > head_dim || !dims.is_multiple_of(2) || dims == 0 {
+        return Err(Error::Invalid(format!(
+            "{op}: {dims} rotated dimensions for heads of {head_dim}"
+        )));
+    }
+    let half = dims / 2;
+    let kv_n = n_tok * n_kv_head * head_dim;
+    check_len(q, n_tok * n_head * head_dim, op, "q")?;
+    check_len(k, kv_n, op, "k")?;
+    check_len(v, kv_n, op, "v")?;
+    check_len(k_cache, kv_n, op, "k_cache")?;
+    check_len(v_cache, kv_n, op, "v_cache")?;
+    check_len(table, n_tok * half * 2, op, "table")?;
+    let total = n_tok * n_head * half + 2 * kv_n;
+    to_u32(total, op, "invocations")?;
+    let params = RopeParams {
+        n_tok: to_u32(n_tok, op, "n_tok")?,
+        n_heads: to_u32(n_head, op, "n_heads")?,
+        head_dim: to_u32(head_dim, op, "head_dim")?,
+        half: half as u32,
+        halves: u32::from(kind == RopeKind::Halves),
+        n_kv_heads: to_u32(n_kv_head, op, "n_kv_heads")?,
+        _pad: [0; 2],
+    };
+    let params = ctx.uniform(&params, "rope_kv params");
+    let p = pipeline(ctx, "ops/rope", op, ROPE)?;
+    Ok(ctx.dispatch(
+        &p,
+        &[
+            params.as_entire_binding(),
+            step.as_entire_binding(),
+            table.as_entire_binding(),
+            q.as_entire_binding(),
+            k.as_entire_binding(),
+            v.as_entire_binding(),
+            k_cache.as_entire_binding(),
+            v_cache.as_entire_binding(),
+        ],
+        element_groups(total, op)?,
+    ))
+}
+
 /// `cache[(step.pos0 + t)·row + i] = src[t·row + i]` for `t < n_tok`,
 /// `i < row`: appends the step's keys or values to a KV cache.
+// Standalone op (the decoder uses the fused [`rope_kv`]); kept, with its
+// tests, for graphs that rotate without caching.
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn kv_store(
     ctx: &GpuContext,
     src: &Buffer,
@@ -422,6 +548,8 @@ pub(crate) fn gated_activation(
 }
 
 /// `x[i] += y[i]` for `i < n`.
+// Standalone op (the decoder fuses its adds into [`add_rms_norm`]).
+#[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn add(ctx: &GpuContext, x: &Buffer, y: &Buffer, n: usize) -> Result<Dispatch> {
     binary(ctx, "add", x, y, n)
 }

@@ -175,6 +175,133 @@ fn kv_store_appends_rows_at_pos0() {
     assert_eq!(ctx.read_f32(&cb, 0, cap * row).unwrap(), want);
 }
 
+#[test]
+fn add_rms_norm_is_residual_add_then_norm_with_optional_post_norm() {
+    let Some(ctx) = testing::context() else {
+        return;
+    };
+    let mut r = rng(11);
+    for (rows, n, post) in [(3, 576, false), (4, 640, true), (1, 100, true)] {
+        let x = random(&mut r, rows * n, -2.0, 2.0);
+        let y = random(&mut r, rows * n, -3.0, 3.0);
+        let w = random(&mut r, n, 0.5, 1.5);
+        let w2 = random(&mut r, n, 0.5, 1.5);
+        // The CPU decoder's order: post-norm the block output, add, norm.
+        let mut branch = y.clone();
+        if post {
+            cpu::rms_norm(&mut branch, &w2, 1e-6);
+        }
+        let mut want_x = x.clone();
+        cpu::add_assign(&mut want_x, &branch);
+        let mut want_h = want_x.clone();
+        cpu::rms_norm(&mut want_h, &w, 1e-6);
+        let (xb, yb, wb, w2b) = (
+            upload(&ctx, &x),
+            upload(&ctx, &y),
+            upload(&ctx, &w),
+            upload(&ctx, &w2),
+        );
+        let hb = ctx.storage((rows * n * 4) as u64, "h");
+        let d = add_rms_norm(
+            &ctx,
+            &xb,
+            &yb,
+            post.then_some(&w2b),
+            &wb,
+            &hb,
+            rows,
+            n,
+            1e-6,
+        )
+        .unwrap();
+        run(&ctx, &[d]);
+        let what = format!("rows {rows} n {n} post {post}");
+        assert_close(
+            &ctx.read_f32(&xb, 0, rows * n).unwrap(),
+            &want_x,
+            1e-5,
+            &what,
+        );
+        assert_close(
+            &ctx.read_f32(&hb, 0, rows * n).unwrap(),
+            &want_h,
+            1e-5,
+            &what,
+        );
+        // The block output is only read.
+        assert_eq!(ctx.read_f32(&yb, 0, rows * n).unwrap(), y);
+    }
+}
+
+#[test]
+fn rope_kv_rotates_queries_and_appends_rotated_keys_and_values() {
+    let Some(ctx) = testing::context() else {
+        return;
+    };
+    let mut r = rng(12);
+    let (n_tok, n_head, n_kv, d, cap, pos0) = (3, 6, 2, 64, 12, 4);
+    for kind in [RopeKind::Adjacent, RopeKind::Halves] {
+        for dims in [64, 32] {
+            let spec = Rope {
+                kind,
+                base: 10000.0,
+                dims,
+            };
+            let q = random(&mut r, n_tok * n_head * d, -1.0, 1.0);
+            let k = random(&mut r, n_tok * n_kv * d, -1.0, 1.0);
+            let v = random(&mut r, n_tok * n_kv * d, -1.0, 1.0);
+            let kc = random(&mut r, cap * n_kv * d, -1.0, 1.0);
+            let vc = random(&mut r, cap * n_kv * d, -1.0, 1.0);
+            let (qb, kb, vb) = (upload(&ctx, &q), upload(&ctx, &k), upload(&ctx, &v));
+            let (kcb, vcb) = (upload(&ctx, &kc), upload(&ctx, &vc));
+            let table = upload(&ctx, &rope_table(&spec, cap));
+            let step = step_uniform(&ctx, pos0, n_tok);
+            let disp = rope_kv(
+                &ctx,
+                &qb,
+                &kb,
+                &vb,
+                &kcb,
+                &vcb,
+                &table,
+                &step,
+                n_tok,
+                (n_head, n_kv),
+                d,
+                kind,
+                dims,
+            )
+            .unwrap();
+            run(&ctx, &[disp]);
+            let what = format!("{kind:?} dims {dims}");
+            let mut want_q = q.clone();
+            cpu::rope(&mut want_q, n_tok, d, pos0, &spec);
+            assert_close(
+                &ctx.read_f32(&qb, 0, q.len()).unwrap(),
+                &want_q,
+                1e-5,
+                &what,
+            );
+            let row = n_kv * d;
+            let mut rk = k.clone();
+            cpu::rope(&mut rk, n_tok, d, pos0, &spec);
+            let mut want_kc = kc.clone();
+            want_kc[pos0 * row..(pos0 + n_tok) * row].copy_from_slice(&rk);
+            let mut want_vc = vc.clone();
+            want_vc[pos0 * row..(pos0 + n_tok) * row].copy_from_slice(&v);
+            assert_close(
+                &ctx.read_f32(&kcb, 0, kc.len()).unwrap(),
+                &want_kc,
+                1e-5,
+                &what,
+            );
+            assert_eq!(ctx.read_f32(&vcb, 0, vc.len()).unwrap(), want_vc, "{what}");
+            // This step's keys are only read.
+            assert_eq!(ctx.read_f32(&kb, 0, k.len()).unwrap(), k);
+        }
+    }
+}
+
 /// One attention case: random q and a cache of `pos0 + n_tok` (+ spare) rows.
 fn attention_case(
     ctx: &GpuContext,

@@ -187,9 +187,16 @@ impl<'d, 'm> GpuSession<'d, 'm> {
             n,
             s.embed_scale.unwrap_or(1.0),
         )?);
+        // Each block ends with its residual add fused with the next norm (the
+        // next block's attention norm, or the output norm after the last):
+        // the final-norm hidden states land in `h`.
+        let first = dec
+            .layers
+            .first()
+            .map_or(&dec.output_norm, |l| &l.attn_norm);
+        p.push(ops::rms_norm(ctx, &w.x, first, &w.h, n, e, eps)?);
         for (li, (l, lw)) in s.layers.iter().zip(&dec.layers).enumerate() {
             let table = &self.tables[self.layer_table[li]];
-            p.push(ops::rms_norm(ctx, &w.x, &lw.attn_norm, &w.h, n, e, eps)?);
             p.extend(mm(&lw.wq, &w.h, &w.q, e, q_dim)?);
             p.extend(mm(&lw.wk, &w.h, &w.kb, e, kv_dim)?);
             p.extend(mm(&lw.wv, &w.h, &w.vb, e, kv_dim)?);
@@ -207,35 +214,20 @@ impl<'d, 'm> GpuSession<'d, 'm> {
                 )?);
             }
             let r = &l.rope;
-            p.push(ops::rope(
-                ctx, &w.q, table, &self.step, n, s.n_head, d, r.kind, r.dims,
-            )?);
-            p.push(ops::rope(
+            p.push(ops::rope_kv(
                 ctx,
+                &w.q,
                 &w.kb,
+                &w.vb,
+                &self.k[li],
+                &self.v[li],
                 table,
                 &self.step,
                 n,
-                s.n_kv_head,
+                (s.n_head, s.n_kv_head),
                 d,
                 r.kind,
                 r.dims,
-            )?);
-            p.push(ops::kv_store(
-                ctx,
-                &w.kb,
-                &self.k[li],
-                &self.step,
-                n,
-                kv_dim,
-            )?);
-            p.push(ops::kv_store(
-                ctx,
-                &w.vb,
-                &self.v[li],
-                &self.step,
-                n,
-                kv_dim,
             )?);
             let shape = AttnShape {
                 n_head: s.n_head,
@@ -255,11 +247,17 @@ impl<'d, 'm> GpuSession<'d, 'm> {
                 n,
             )?);
             p.extend(mm(&lw.wo, &w.att, &w.o, q_dim, e)?);
-            if let Some(pn) = &lw.post_attn_norm {
-                p.push(ops::rms_norm_inplace(ctx, &w.o, pn, n, e, eps)?);
-            }
-            p.push(ops::add(ctx, &w.x, &w.o, n * e)?);
-            p.push(ops::rms_norm(ctx, &w.x, &lw.ffn_norm, &w.h, n, e, eps)?);
+            p.push(ops::add_rms_norm(
+                ctx,
+                &w.x,
+                &w.o,
+                lw.post_attn_norm.as_ref(),
+                &lw.ffn_norm,
+                &w.h,
+                n,
+                e,
+                eps,
+            )?);
             p.extend(mm(&lw.gate, &w.h, &w.gate, e, s.n_ff)?);
             p.extend(mm(&lw.up, &w.h, &w.up, e, s.n_ff)?);
             p.push(ops::gated_activation(
@@ -270,13 +268,22 @@ impl<'d, 'm> GpuSession<'d, 'm> {
                 s.activation,
             )?);
             p.extend(mm(&lw.down, &w.gate, &w.o, s.n_ff, e)?);
-            if let Some(pn) = &lw.post_ffn_norm {
-                p.push(ops::rms_norm_inplace(ctx, &w.o, pn, n, e, eps)?);
-            }
-            p.push(ops::add(ctx, &w.x, &w.o, n * e)?);
+            let next = dec
+                .layers
+                .get(li + 1)
+                .map_or(&dec.output_norm, |nl| &nl.attn_norm);
+            p.push(ops::add_rms_norm(
+                ctx,
+                &w.x,
+                &w.o,
+                lw.post_ffn_norm.as_ref(),
+                next,
+                &w.h,
+                n,
+                e,
+                eps,
+            )?);
         }
-        // The final-norm hidden states land in `h`.
-        p.push(ops::rms_norm(ctx, &w.x, &dec.output_norm, &w.h, n, e, eps)?);
         Ok(p)
     }
 
