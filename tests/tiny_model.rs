@@ -3,6 +3,8 @@
 //! written here from the formulas, and batched against incremental decoding.
 
 use edgetune::backend::cpu::{CpuDecoder, CpuOptions, Logits, MatvecMode};
+use edgetune::backend::gpu::{GpuContext, GpuDecoder, GpuOptions};
+use edgetune::backend::{Decoder, Pick, argmax};
 use edgetune::gguf::{GgufWriter, Value};
 use edgetune::model::Model;
 use edgetune::quant::{self, GgmlType};
@@ -444,4 +446,137 @@ fn fast_matvec_stays_close_to_exact_decoding() {
         }
     }
     assert!(differs, "Q8 mode must take the 8-bit path");
+}
+
+/// The GPU backend (any adapter, software included) with storage bindings
+/// capped at `max_binding` bytes, or `None` (skipped) without one unless
+/// `EDGETUNE_REQUIRE_GPU` is set.
+fn gpu(max_binding: Option<u64>) -> Option<std::sync::Arc<GpuContext>> {
+    match GpuContext::new(&GpuOptions {
+        allow_software: true,
+        max_binding,
+        ..Default::default()
+    }) {
+        Ok(c) => Some(c),
+        Err(e) if std::env::var_os("EDGETUNE_REQUIRE_GPU").is_some() => {
+            panic!("EDGETUNE_REQUIRE_GPU is set but no GPU opens: {e}")
+        }
+        Err(e) => {
+            eprintln!("skipping GPU test: {e}");
+            None
+        }
+    }
+}
+
+/// The whole decoder on the GPU against the CPU backend on a tiny model:
+/// every position's logits (in one pass, and as two passes over the cache),
+/// greedy picks one token at a time, and per-token losses.
+fn gpu_matches_cpu(c: Cfg, max_binding: Option<u64>, n_tok: usize) -> usize {
+    let Some(ctx) = gpu(max_binding) else {
+        return 0;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_model(&c, &path);
+    let model = Model::open(&path).unwrap();
+    let cpu = CpuDecoder::new(&model).unwrap();
+    let gpu = GpuDecoder::new(&model, ctx).unwrap();
+    let tokens: Vec<u32> = (0..n_tok as u32)
+        .map(|i| (i * 7 + 3) % c.n_vocab as u32)
+        .collect();
+    let what = format!("{} {:?} ({n_tok} tokens)", c.arch, c.ty);
+    let close = |got: &[f32], want: &[f32], how: &str| {
+        assert_eq!(got.len(), want.len(), "{what} {how}");
+        for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-4 * (1.0 + w.abs()),
+                "{what} {how} [{i}]: gpu {g} vs cpu {w}"
+            );
+        }
+    };
+    let want = cpu
+        .session(n_tok)
+        .unwrap()
+        .forward(&tokens, Logits::All)
+        .unwrap();
+    let mut s = gpu.session(n_tok).unwrap();
+    close(&s.forward(&tokens, Logits::All).unwrap(), &want, "one pass");
+    s.clear();
+    let half = n_tok / 2;
+    let mut two = s.forward(&tokens[..half], Logits::All).unwrap();
+    two.extend(s.forward(&tokens[half..], Logits::All).unwrap());
+    close(&two, &want, "two passes");
+    // Greedy, one token at a time after a 3-token prompt, where the CPU's
+    // top two logits are not within rounding of each other.
+    let mut s = gpu.session(n_tok).unwrap();
+    let mut cs = cpu.session(n_tok).unwrap();
+    let mut feed = tokens[..3].to_vec();
+    for _ in 0..4 {
+        let l = cs.forward(&feed, Logits::Last).unwrap();
+        let mut sorted = l.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        let got = s.forward_pick(&feed, &Pick::Greedy).unwrap();
+        if sorted[0] - sorted[1] > 1e-3 {
+            assert_eq!(got, argmax(&l), "{what} greedy");
+        }
+        feed = vec![argmax(&l)];
+    }
+    // Losses of each next token.
+    let (inp, tgt) = (&tokens[..n_tok - 1], &tokens[1..]);
+    let want = cpu.session(n_tok).unwrap().forward_nll(inp, tgt).unwrap();
+    let got = gpu.session(n_tok).unwrap().forward_nll(inp, tgt).unwrap();
+    for (g, w) in got.iter().zip(&want) {
+        assert!(
+            (g - w).abs() < 1e-4 * (1.0 + w.abs()),
+            "{what} nll {g} vs {w}"
+        );
+    }
+    gpu.split_weights().len()
+}
+
+#[test]
+fn tiny_models_on_the_gpu_match_the_cpu_with_split_tensors() {
+    // 8 KiB bindings: the 12.8 KB f32 token table is split in two.
+    let split = gpu_matches_cpu(Cfg::llama(GgmlType::F32, 2), Some(8192), 11);
+    if gpu(None).is_some() {
+        assert!(split > 0, "the f32 token embedding must be split");
+    }
+    gpu_matches_cpu(Cfg::llama(GgmlType::Q4_1, 2), Some(8192), 11);
+    gpu_matches_cpu(
+        Cfg {
+            arch: "gemma3",
+            n_embd: 64,
+            n_head: 2,
+            n_kv: 1,
+            head_dim: 32,
+            n_ff: 128,
+            n_vocab: 40,
+            n_layer: 6,
+            window: 4,
+            ty: GgmlType::Q8_0,
+        },
+        Some(8192),
+        11,
+    );
+}
+
+#[test]
+fn a_long_prompt_on_the_gpu_runs_as_several_passes() {
+    // More than one pass of 512 tokens, and a sliding window far behind.
+    gpu_matches_cpu(
+        Cfg {
+            arch: "gemma3",
+            n_embd: 64,
+            n_head: 2,
+            n_kv: 1,
+            head_dim: 32,
+            n_ff: 128,
+            n_vocab: 40,
+            n_layer: 6,
+            window: 16,
+            ty: GgmlType::Q4_0,
+        },
+        None,
+        600,
+    );
 }
