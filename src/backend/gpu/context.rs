@@ -407,21 +407,40 @@ impl GpuContext {
     /// into a staging buffer, wait, and return those bytes.
     pub(crate) fn submit_and_read(
         &self,
-        mut encoder: wgpu::CommandEncoder,
+        encoder: wgpu::CommandEncoder,
         src: &wgpu::Buffer,
         offset: u64,
         bytes: u64,
     ) -> Result<Vec<u8>> {
-        let size = bytes.next_multiple_of(4).max(4);
-        let staging = self.device.create_buffer(&wgpu::BufferDescriptor {
+        let staging = self.staging(bytes);
+        self.submit_and_read_via(encoder, src, offset, bytes, &staging)
+    }
+
+    /// A buffer the host can map to read `bytes` copied from the device.
+    pub(crate) fn staging(&self, bytes: u64) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("read-back"),
-            size,
+            size: bytes.next_multiple_of(4).max(4),
             usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             mapped_at_creation: false,
-        });
-        encoder.copy_buffer_to_buffer(src, offset, &staging, 0, size);
+        })
+    }
+
+    /// [`GpuContext::submit_and_read`] through a staging buffer the caller
+    /// keeps (made by [`GpuContext::staging`], at least `bytes` long): a
+    /// generation loop reads its token back without allocating.
+    pub(crate) fn submit_and_read_via(
+        &self,
+        mut encoder: wgpu::CommandEncoder,
+        src: &wgpu::Buffer,
+        offset: u64,
+        bytes: u64,
+        staging: &wgpu::Buffer,
+    ) -> Result<Vec<u8>> {
+        let size = bytes.next_multiple_of(4).max(4);
+        encoder.copy_buffer_to_buffer(src, offset, staging, 0, size);
         self.queue.submit([encoder.finish()]);
-        let slice = staging.slice(..);
+        let slice = staging.slice(..size);
         let (tx, rx) = std::sync::mpsc::channel();
         slice.map_async(wgpu::MapMode::Read, move |r| {
             let _ = tx.send(r);

@@ -41,6 +41,8 @@ struct Workspace {
     logits: wgpu::Buffer,
     nll: wgpu::Buffer,
     token_out: wgpu::Buffer,
+    /// Where the chosen token is read back from, kept between steps.
+    token_staging: wgpu::Buffer,
 }
 
 /// What follows the blocks in a pass.
@@ -501,10 +503,13 @@ impl Session for GpuSession<'_, '_> {
             }
         };
         GpuContext::record(&mut enc, self.tail(tail)?);
-        let bytes = self
-            .dec
-            .ctx
-            .submit_and_read(enc, &self.ws.token_out, 0, 4)?;
+        let bytes = self.dec.ctx.submit_and_read_via(
+            enc,
+            &self.ws.token_out,
+            0,
+            4,
+            &self.ws.token_staging,
+        )?;
         self.len += n;
         Ok(bytemuck::pod_read_unaligned(&bytes[..4]))
     }
@@ -593,6 +598,7 @@ impl Workspace {
             logits: f(logit_rows * s.n_vocab, "logits")?,
             nll: f(max_tok, "nll")?,
             token_out: f(4, "token")?,
+            token_staging: ctx.staging(4),
         })
     }
 }
