@@ -2,22 +2,32 @@
 // temperature, top-k and top-p (nucleus).
 //
 // Both entry points run as a single workgroup of WG invocations over any n,
-// with strided passes over the logits and tree reductions in workgroup memory.
+// with strided passes over the logits and reductions in workgroup memory.
 //
 // Sampling never sorts the vocabulary. Logits are ordered by an
-// order-preserving u32 key (the IEEE total order, as f32::total_cmp), and
-// thresholds are found by binary search over key values, each step being one
-// parallel count or sum:
+// order-preserving u32 key (the IEEE total order, as f32::total_cmp):
 //   1. m = max logit; weights w_i = exp((l_i - m) / temperature).
-//   2. top-k: t_k = the largest key K with #{i : key_i ≥ K} ≥ top_k, i.e. the
-//      k-th largest logit (the smallest key when top_k is 0 or ≥ n).
+//   2. top-k: t_k = the k-th largest key (the smallest key when top_k is 0
+//      or ≥ n), found by radix select: four passes over the row, each
+//      building a 256-bin histogram of one byte of the keys that match the
+//      bytes chosen so far. c = #{i : key_i ≥ t_k} (ties included).
 //   3. top-p: t = the largest key K ≥ t_k with
 //      Σ{w_i : key_i ≥ K} ≥ top_p · Σ{w_i : key_i ≥ t_k} (t = t_k when top_p ≥ 1).
 //   4. inverse CDF in vocabulary order over the kept tokens (key_i ≥ t): the
-//      first index whose running sum of weights exceeds u · (kept mass).
-// Each invocation owns a contiguous chunk of the vocabulary for step 4: the
-// chunk sums are prefix-summed and the invocation whose chunk holds u · mass
-// walks it.
+//      first index whose running sum of weights exceeds u · (kept mass); the
+//      last kept index when rounding leaves none.
+// Steps 3 and 4 take one of two paths:
+//   - small (c ≤ CAP): the c candidates are gathered into workgroup memory
+//     (one pass over the row) and sorted into vocabulary order; steps 3 and
+//     4 run there with no further pass over the row: step 3 as a binary
+//     search whose sums are over the candidates, step 4 as one invocation's
+//     running f32 sum in vocabulary order.
+//   - large: step 3 is a binary search over key values, each step a parallel
+//     sum over the row; in step 4 each invocation owns a contiguous chunk of
+//     the vocabulary: the chunk sums are prefix-summed and the invocation
+//     whose chunk holds u · mass walks it.
+// The two paths round differently (f32 sums in different orders); both
+// approximate the f64 definition in sample_reference.
 
 const WG: u32 = 256u;
 
@@ -51,6 +61,23 @@ struct SampleParams {
 
 var<workgroup> part_f: array<f32, WG>;
 var<workgroup> part_u: array<u32, WG>;
+
+// sample only; with part_f and part_u about 15 KiB of workgroup memory,
+// inside WebGPU's default 16 KiB.
+// Largest candidate set of the small path.
+const CAP: u32 = 1024u;
+// Radix select: one byte's histogram.
+var<workgroup> hist: array<atomic<u32>, WG>;
+// Radix select: the chosen bin, the keys above it, the keys in it.
+var<workgroup> sel: array<u32, 3>;
+// Small path: candidates gathered so far.
+var<workgroup> g_count: atomic<u32>;
+// Small path, candidate j in vocabulary order (j < c): its index in the row
+// (g_idx), key (g_key) and weight (g_w). g_key first holds the unordered
+// indices while they are sorted.
+var<workgroup> g_idx: array<u32, CAP>;
+var<workgroup> g_key: array<u32, CAP>;
+var<workgroup> g_w: array<f32, CAP>;
 
 // Order-preserving map of f32 to u32.
 fn key(f: f32) -> u32 {
@@ -185,6 +212,192 @@ fn mass(lid: u32, k: u32, m: f32) -> f32 {
     return sum_f(lid, s);
 }
 
+// (the k-th largest key of the row (0 < k < n), the number of keys ≥ it,
+// the largest key), by radix select from the top byte down; the first pass
+// also finds the largest key.
+fn kth_largest(lid: u32, k: u32) -> vec3<u32> {
+    let n = params.n;
+    let off = params.off;
+    // Bytes chosen so far, in place.
+    var prefix = 0u;
+    // Rank of the wanted key among the keys matching `prefix`.
+    var rank = k;
+    // Keys above the bins chosen so far.
+    var above = 0u;
+    var in_bin = 0u;
+    var kmax = 0u;
+    for (var digit = 0u; digit < 4u; digit = digit + 1u) {
+        let shift = 24u - 8u * digit;
+        let hmask = ~(0xffffffffu >> (8u * digit));
+        atomicStore(&hist[lid], 0u);
+        workgroupBarrier();
+        // Runs of equal bytes are added at once: the top bytes of a row of
+        // logits mostly fall in a few bins.
+        var cur = 0u;
+        var run = 0u;
+        for (var i = lid; i < n; i = i + WG) {
+            let kx = key(logits[off + i]);
+            if digit == 0u {
+                kmax = max(kmax, kx);
+            }
+            if (kx & hmask) == prefix {
+                let b = (kx >> shift) & 0xffu;
+                if b != cur {
+                    if run > 0u {
+                        atomicAdd(&hist[cur], run);
+                    }
+                    cur = b;
+                    run = 0u;
+                }
+                run = run + 1u;
+            }
+        }
+        if run > 0u {
+            atomicAdd(&hist[cur], run);
+        }
+        workgroupBarrier();
+        // Suffix sums over the bins: part_u[b] = Σ hist[b ..].
+        let h = atomicLoad(&hist[lid]);
+        part_u[lid] = h;
+        workgroupBarrier();
+        for (var d = 1u; d < WG; d = d * 2u) {
+            var v = part_u[lid];
+            if lid + d < WG {
+                v = v + part_u[lid + d];
+            }
+            workgroupBarrier();
+            part_u[lid] = v;
+            workgroupBarrier();
+        }
+        let over = part_u[lid] - h;
+        if over < rank && rank <= over + h {
+            // The one bin holding the wanted key.
+            sel[0] = lid;
+            sel[1] = over;
+            sel[2] = h;
+        }
+        let b = workgroupUniformLoad(&sel[0]);
+        let o = workgroupUniformLoad(&sel[1]);
+        in_bin = workgroupUniformLoad(&sel[2]);
+        prefix = prefix | (b << shift);
+        rank = rank - o;
+        above = above + o;
+    }
+    kmax = max_u(lid, kmax);
+    return vec3<u32>(prefix, above + in_bin, kmax);
+}
+
+// Σ g_w[j] over the gathered candidates with g_key[j] ≥ k: per-invocation
+// sums over j = lid, lid + WG, … then a tree over the invocations (a fixed
+// order, so the mass only shrinks as k grows).
+fn small_mass(lid: u32, c: u32, k: u32) -> f32 {
+    var s = 0.0;
+    for (var j = lid; j < c; j = j + WG) {
+        if g_key[j] >= k {
+            s = s + g_w[j];
+        }
+    }
+    return sum_f(lid, s);
+}
+
+// Steps 3 and 4 when the c ≤ CAP keys ≥ t are few: gathered into workgroup
+// memory and sorted into vocabulary order. Writes out_token.
+fn sample_small(lid: u32, t: u32, c: u32, kmax: u32, m: f32) {
+    let n = params.n;
+    let off = params.off;
+    let temp = sp.temperature;
+
+    // Gather the candidates' indices into g_key, in any order; pad to a
+    // power of two with indices past every candidate.
+    var size = 1u;
+    while size < c {
+        size = size * 2u;
+    }
+    if lid == 0u {
+        atomicStore(&g_count, 0u);
+    }
+    for (var j = c + lid; j < size; j = j + WG) {
+        g_key[j] = 0xffffffffu;
+    }
+    workgroupBarrier();
+    for (var i = lid; i < n; i = i + WG) {
+        if key(logits[off + i]) >= t {
+            let p = atomicAdd(&g_count, 1u);
+            if p < c {
+                g_key[p] = i;
+            }
+        }
+    }
+    workgroupBarrier();
+    // Bitonic sort of g_key[0 .. size] ascending; each pair (j, j ^ d) is
+    // compared by the invocation holding its lower position.
+    for (var w = 2u; w <= size; w = w * 2u) {
+        for (var d = w / 2u; d > 0u; d = d / 2u) {
+            for (var j = lid; j < size; j = j + WG) {
+                let l = j ^ d;
+                if l > j {
+                    let a = g_key[j];
+                    let b = g_key[l];
+                    if (a > b) == ((j & w) == 0u) {
+                        g_key[j] = b;
+                        g_key[l] = a;
+                    }
+                }
+            }
+            workgroupBarrier();
+        }
+    }
+    for (var j = lid; j < c; j = j + WG) {
+        let i = g_key[j];
+        let x = logits[off + i];
+        g_idx[j] = i;
+        g_key[j] = key(x);
+        g_w[j] = exp((x - m) / temp);
+    }
+    workgroupBarrier();
+
+    // 3. Top-p: binary search as on the large path, over the candidates.
+    var tp = t;
+    if sp.top_p < 1.0 {
+        let want = sp.top_p * small_mass(lid, c, tp);
+        var hi = kmax;
+        while tp < hi {
+            let mid = upper_mid(tp, hi);
+            if small_mass(lid, c, mid) >= want {
+                tp = mid;
+            } else {
+                hi = mid - 1u;
+            }
+        }
+    }
+
+    // 4. Inverse CDF: one invocation walks the candidates in vocabulary
+    // order, as sample_reference does in f64.
+    if lid == 0u {
+        var total = 0.0;
+        var last = 0u;
+        for (var j = 0u; j < c; j = j + 1u) {
+            if g_key[j] >= tp {
+                total = total + g_w[j];
+                last = j;
+            }
+        }
+        let r = sp.u * total;
+        var pick = last;
+        var acc = 0.0;
+        for (var j = 0u; j < c; j = j + 1u) {
+            if g_key[j] >= tp {
+                acc = acc + g_w[j];
+                if acc > r {
+                    pick = j;
+                    break;
+                }
+            }
+        }
+        out_token[0] = g_idx[pick];
+    }
+}
+
 @compute @workgroup_size(WG)
 fn sample(@builtin(local_invocation_index) lid: u32) {
     let n = params.n;
@@ -194,35 +407,30 @@ fn sample(@builtin(local_invocation_index) lid: u32) {
     }
     let temp = sp.temperature;
 
-    // 1. Extremes of the row.
+    // 1. The largest key, and 2. top-k: t = the k-th largest key (the
+    // smallest key when every token is kept), c = #{keys ≥ t}.
     var kmax = 0u;
-    var kmin = 0xffffffffu;
-    for (var i = lid; i < n; i = i + WG) {
-        let kx = key(logits[off + i]);
-        kmax = max(kmax, kx);
-        kmin = min(kmin, kx);
-    }
-    kmax = max_u(lid, kmax);
-    kmin = min_u(lid, kmin);
-    let m = unkey(kmax);
-
-    // 2. Top-k: the k-th largest key.
-    var t = kmin;
+    var t = 0xffffffffu;
+    var c = n;
     let top_k = sp.top_k;
     if top_k > 0u && top_k < n {
-        var hi = kmax;
-        while t < hi {
-            let mid = upper_mid(t, hi);
-            var c = 0u;
-            for (var i = lid; i < n; i = i + WG) {
-                c = c + select(0u, 1u, key(logits[off + i]) >= mid);
-            }
-            if sum_u(lid, c) >= top_k {
-                t = mid;
-            } else {
-                hi = mid - 1u;
-            }
+        let r = kth_largest(lid, top_k);
+        t = r.x;
+        c = r.y;
+        kmax = r.z;
+    } else {
+        for (var i = lid; i < n; i = i + WG) {
+            let kx = key(logits[off + i]);
+            kmax = max(kmax, kx);
+            t = min(t, kx);
         }
+        kmax = max_u(lid, kmax);
+        t = min_u(lid, t);
+    }
+    let m = unkey(kmax);
+    if c <= CAP {
+        sample_small(lid, t, c, kmax, m);
+        return;
     }
 
     // 3. Top-p: the largest threshold keeping at least top_p of the mass.

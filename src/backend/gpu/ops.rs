@@ -660,8 +660,11 @@ pub(crate) fn argmax(
 /// `out_token[0]` (a `u32` buffer) = a token drawn from
 /// `softmax(logits[off .. off + n] / temperature)` restricted to the top-k
 /// and then to the nucleus, by the threshold algorithm of
-/// [`sample_reference`]. `params` is a uniform [`SampleParams`] (temperature
-/// > 0). One workgroup; no sort of the vocabulary.
+/// [`sample_reference`]. `params` is a uniform [`SampleParams`] (positive
+/// temperature). One workgroup; no sort of the vocabulary: the top-k
+/// threshold is a radix select (four passes over the row), and when at most
+/// 1024 tokens reach it the rest runs on those alone in workgroup memory
+/// (see sample.wgsl).
 pub(crate) fn sample(
     ctx: &GpuContext,
     logits: &Buffer,

@@ -695,6 +695,54 @@ fn sample_matches_the_reference() {
     }
 }
 
+#[test]
+fn sample_top_k_matches_the_reference_on_both_sides_of_the_candidate_cap() {
+    let Some(ctx) = testing::context() else {
+        return;
+    };
+    let mut r = rng(11);
+    let mut logits = Vec::new();
+    let mut cases = Vec::new();
+    // Odd values: ±0, subnormals, huge magnitudes, many ties.
+    let odd = [-1e30, -3.5, -0.0, 0.0, 1e-40, -1e-40, 2.0, 7.25, 7.25];
+    while cases.len() < 48 {
+        let n = [4000, 1500, 30_000][r.random_range(0..3)];
+        let row: Vec<f32> = match cases.len() % 4 {
+            0 => random(&mut r, n, -8.0, 8.0),
+            // Ties at the top-k boundary: about n / 9 tokens per value.
+            1 => random(&mut r, n, -4.0, 4.0)
+                .iter()
+                .map(|x| x.round())
+                .collect(),
+            // (Fewer tokens: with thousands of equal weights every draw is
+            // near a boundary.)
+            2 => (0..n.min(4000))
+                .map(|_| odd[r.random_range(0..odd.len())])
+                .collect(),
+            _ => random(&mut r, n, -30.0, 30.0),
+        };
+        // Around the candidate cap (1024) and far from it.
+        let top_k = [1, 2, 40, 1023, 1024, 1025, 1400, 3][r.random_range(0..8)];
+        let p = SampleParams {
+            temperature: [0.5, 0.7, 1.3][r.random_range(0..3)],
+            top_k,
+            top_p: [1.0, 0.95, 0.6][r.random_range(0..3)],
+            u: r.random_range(0.0..1.0),
+        };
+        if !far_from_boundaries(&row, &p) {
+            continue;
+        }
+        cases.push((logits.len(), row.len(), p));
+        logits.extend_from_slice(&row);
+    }
+    let lb = upload(&ctx, &logits);
+    let got = gpu_samples(&ctx, &lb, &cases);
+    for (&(off, n, p), &g) in cases.iter().zip(&got) {
+        let want = sample_reference(&logits[off..off + n], &p);
+        assert_eq!(g, want, "n {n} {p:?}");
+    }
+}
+
 /// Whether the GPU's draw `g` is the reference's up to f32 rounding: `g` is
 /// in the reference's kept set, and `u` lies within `du` of `g`'s interval of
 /// the reference's index-order CDF (with hundreds of thousands of kept
@@ -779,5 +827,47 @@ fn sample_runs_over_a_large_vocabulary() {
             "{p:?}: gpu {g}, reference {}",
             sample_reference(&stepped, &p)
         );
+    }
+}
+
+/// Timing of [`sample`] (not a check): `cargo test --lib sample_timing --
+/// --ignored --nocapture`. Prints ms per dispatch, 20 dispatches per
+/// submission, three submissions per case after a warm-up.
+#[test]
+#[ignore]
+fn sample_timing() {
+    let Some(ctx) = testing::context() else {
+        return;
+    };
+    let mut r = rng(10);
+    for n in [49_152, 262_144] {
+        let logits = random(&mut r, n, -15.0, 15.0);
+        let lb = upload(&ctx, &logits);
+        let out = ctx.storage(16, "token");
+        for (top_k, top_p) in [(40, 0.95), (1000, 0.95), (0, 0.95)] {
+            let p = SampleParams {
+                temperature: 0.7,
+                top_k,
+                top_p,
+                u: 0.37,
+            };
+            let params = ctx.uniform(&p, "sample params");
+            let reps = 20;
+            let ds: Vec<Dispatch> = (0..reps)
+                .map(|_| sample(&ctx, &lb, 0, n, &params, &out).unwrap())
+                .collect();
+            run(&ctx, &ds[..1]);
+            let times: Vec<String> = (0..3)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    run(&ctx, &ds);
+                    format!("{:.3}", t.elapsed().as_secs_f64() * 1e3 / reps as f64)
+                })
+                .collect();
+            println!(
+                "sample n {n} top_k {top_k} top_p {top_p}: ms/dispatch {}",
+                times.join(" ")
+            );
+        }
     }
 }
