@@ -167,6 +167,12 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
         r.gen_tokens_per_s,
         r.gen_tokens
     );
+    report!(
+        out,
+        "generation  {:.1} tokens/s  (tg{}, sampled: temperature 0.8, top-k 40, top-p 0.95)",
+        r.gen_sampled_tokens_per_s,
+        r.gen_tokens
+    );
     if let Some(q8) = q8 {
         report!(
             out,

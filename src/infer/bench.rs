@@ -1,6 +1,7 @@
 //! Throughput of the forward pass: a prompt pass over `prompt_tokens`, and
 //! token-by-token generation, as `llama-bench` measures them (pp512, tg).
 
+use super::sample::{Sampler, SamplingParams};
 use crate::backend::{Decoder, Pick};
 use crate::quant::{GgmlType, quantize_row};
 use crate::{Error, Result};
@@ -40,6 +41,9 @@ pub struct BenchResult {
     pub gen_tokens: usize,
     /// Median generated tokens per second.
     pub gen_tokens_per_s: f64,
+    /// Median generated tokens per second when sampling (temperature 0.8,
+    /// top-k 40, top-p 0.95).
+    pub gen_sampled_tokens_per_s: f64,
     /// Repetitions.
     pub repetitions: usize,
     /// The device, as [`Decoder::device_name`] gives it.
@@ -106,15 +110,29 @@ pub fn bench(
         pp.push(opts.prompt_tokens as f64 / t.elapsed().as_secs_f64());
         tick(&mut done)?;
     }
-    let mut tg = vec![0.0];
+    let (mut tg, mut tg_sampled) = (vec![0.0], vec![0.0]);
     for _ in 0..tg_reps {
-        session.clear();
-        let mut tok = prompt[0];
-        let t = Instant::now();
-        for _ in 0..opts.gen_tokens {
-            tok = session.forward_pick(&[tok], &Pick::Greedy)?;
+        // Greedy, then sampled (where the choice itself costs more).
+        for (sampled, out) in [(false, &mut tg), (true, &mut tg_sampled)] {
+            let mut sampler = Sampler::new(SamplingParams {
+                temperature: 0.8,
+                top_k: 40,
+                top_p: 0.95,
+                seed: 1,
+            });
+            session.clear();
+            let mut tok = prompt[0];
+            let t = Instant::now();
+            for _ in 0..opts.gen_tokens {
+                let pick = if sampled {
+                    sampler.pick()
+                } else {
+                    Pick::Greedy
+                };
+                tok = session.forward_pick(&[tok], &pick)?;
+            }
+            out.push(opts.gen_tokens as f64 / t.elapsed().as_secs_f64());
         }
-        tg.push(opts.gen_tokens as f64 / t.elapsed().as_secs_f64());
         tick(&mut done)?;
     }
     Ok(BenchResult {
@@ -122,6 +140,7 @@ pub fn bench(
         prompt_tokens_per_s: median(pp),
         gen_tokens: opts.gen_tokens,
         gen_tokens_per_s: median(tg),
+        gen_sampled_tokens_per_s: median(tg_sampled),
         repetitions: opts.repetitions,
         device: decoder.device_name(),
         dispatches_per_token: session.dispatches_per_token(),
