@@ -14,6 +14,10 @@
 // output dimensions it owns (c = lid + WG * r, r < MAX_DIM / WG). Memory is
 // O(head_dim + WG) per workgroup whatever the number of keys.
 
+// Element type of the KV cache; the f16 variant (SHADER_F16 devices, asked
+// for) is made by the host replacing this line and adding `enable f16;`.
+alias KV = f32;
+
 const WG: u32 = 64u;
 // Largest head_dim supported.
 const MAX_DIM: u32 = 256u;
@@ -48,9 +52,9 @@ struct Step {
 // Queries, shape (n_tok, n_head * head_dim).
 @group(0) @binding(2) var<storage, read> q: array<f32>;
 // Key cache, shape (capacity, n_kv_head * head_dim), capacity ≥ pos0 + n_tok.
-@group(0) @binding(3) var<storage, read> k: array<f32>;
+@group(0) @binding(3) var<storage, read> k: array<KV>;
 // Value cache, shape (capacity, n_kv_head * head_dim).
-@group(0) @binding(4) var<storage, read> v: array<f32>;
+@group(0) @binding(4) var<storage, read> v: array<KV>;
 // Output, shape (n_tok, n_head * head_dim).
 @group(0) @binding(5) var<storage, read_write> out_buf: array<f32>;
 
@@ -104,7 +108,7 @@ fn attention(
             let kb = (start + lid) * kv_row + kv_off;
             var sc = 0.0;
             for (var c = 0u; c < d; c = c + 1u) {
-                sc = sc + q_s[c] * k[kb + c];
+                sc = sc + q_s[c] * f32(k[kb + c]);
             }
             s = sc * params.scale;
         }
@@ -131,7 +135,7 @@ fn attention(
             for (var r = 0u; r < PER; r = r + 1u) {
                 let c = lid + r * WG;
                 if c < d {
-                    acc[r] = acc[r] + p * v[vb + c];
+                    acc[r] = acc[r] + p * f32(v[vb + c]);
                 }
             }
         }

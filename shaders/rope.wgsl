@@ -6,6 +6,10 @@
 // (i, i + half) for the halves kind; cos and sin come from a host-computed
 // table, so no trigonometry runs here.
 
+// Element type of the KV cache written by rope_kv; the f16 variant is made
+// by the host replacing this line and adding `enable f16;`.
+alias KV = f32;
+
 const WG: u32 = 256u;
 
 struct Params {
@@ -43,8 +47,8 @@ struct Step {
 @group(0) @binding(5) var<storage, read> vb: array<f32>;
 // rope_kv only: the KV cache, shape (capacity, n_kv_heads * head_dim); rows
 // pos0 .. pos0 + n_tok are written (keys rotated).
-@group(0) @binding(6) var<storage, read_write> k_cache: array<f32>;
-@group(0) @binding(7) var<storage, read_write> v_cache: array<f32>;
+@group(0) @binding(6) var<storage, read_write> k_cache: array<KV>;
+@group(0) @binding(7) var<storage, read_write> v_cache: array<KV>;
 
 @compute @workgroup_size(WG)
 fn rope(
@@ -137,11 +141,11 @@ fn rope_kv(
                 v = other * cs.y + v * cs.x;
             }
         }
-        k_cache[pos0 * kv_row + e] = v;
+        k_cache[pos0 * kv_row + e] = KV(v);
         return;
     }
     if id < q_pairs + 2u * kv_n {
         let e = id - q_pairs - kv_n;
-        v_cache[pos0 * kv_row + e] = vb[e];
+        v_cache[pos0 * kv_row + e] = KV(vb[e]);
     }
 }

@@ -282,6 +282,16 @@ fn score_on_the_gpu_matches_the_cpu() {
     ]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("--gpu-adapter"), "{}", stderr(&o));
+    let o = edgetune(&[
+        "score",
+        &m,
+        file.to_str().unwrap(),
+        "--device",
+        "cpu",
+        "--kv-f16",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--kv-f16"), "{}", stderr(&o));
     // An adapter that does not exist is named.
     let o = edgetune(&[
         "score",

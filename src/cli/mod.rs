@@ -66,6 +66,10 @@ pub struct RunArgs {
     /// [default: $EDGETUNE_ADAPTER, else the best]. Implies the GPU.
     #[arg(long, value_name = "NAME")]
     pub gpu_adapter: Option<String>,
+    /// Keep the GPU's KV cache in f16: half its memory, on GPUs with
+    /// shader-f16 (keys and values rounded to 11 significant bits).
+    #[arg(long)]
+    pub kv_f16: bool,
     /// CPU worker threads (default: one per core).
     #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     pub threads: usize,
@@ -89,9 +93,10 @@ impl RunArgs {
         };
         let named = self.gpu_adapter.is_some();
         match self.device {
-            Device::Cpu if named => Err(Error::Invalid(
-                "--gpu-adapter chooses a GPU, but --device cpu was given".into(),
-            )),
+            Device::Cpu if named || self.kv_f16 => Err(Error::Invalid(format!(
+                "{} applies to the GPU, but --device cpu was given",
+                if named { "--gpu-adapter" } else { "--kv-f16" }
+            ))),
             Device::Cpu => cpu(),
             Device::Gpu => Ok(Box::new(self.gpu_decoder(model, true)?)),
             // A named adapter is used even if it is a software one; unnamed,
@@ -110,6 +115,7 @@ impl RunArgs {
         GpuContext::new(&GpuOptions {
             adapter: self.gpu_adapter.clone(),
             allow_software,
+            kv_f16: self.kv_f16,
             ..Default::default()
         })
     }

@@ -22,6 +22,9 @@ pub struct GpuOptions {
     /// Leave out the optional fast paths (f16, subgroups) even where the
     /// adapter has them: the baseline WGSL path only.
     pub baseline_only: bool,
+    /// Keep KV caches in f16 (half the memory; needs `shader-f16`, else
+    /// opening fails with an error that says so).
+    pub kv_f16: bool,
 }
 
 /// One adapter as `edgetune info --devices` shows it.
@@ -125,6 +128,7 @@ pub struct GpuContext {
     summary: AdapterSummary,
     features: wgpu::Features,
     max_binding: u64,
+    kv: super::ops::KvFormat,
     pipelines: Mutex<HashMap<String, Arc<wgpu::ComputePipeline>>>,
     /// The cache key of each pipeline, by address: names dispatches in profiles.
     names: Mutex<HashMap<usize, Arc<str>>>,
@@ -222,12 +226,29 @@ impl GpuContext {
         let max_binding = opts.max_binding.map_or(device_max, |m| m.min(device_max));
         // Round down to 256 so split points stay aligned for any binding offset.
         let max_binding = (max_binding / 256 * 256).max(256);
+        let kv = if opts.kv_f16 {
+            if !features.contains(wgpu::Features::SHADER_F16) {
+                return Err(Error::Gpu(format!(
+                    "an f16 KV cache needs shader-f16, which {} lacks{}",
+                    summary.name,
+                    if opts.baseline_only {
+                        " (or was turned off)"
+                    } else {
+                        ""
+                    }
+                )));
+            }
+            super::ops::KvFormat::F16
+        } else {
+            super::ops::KvFormat::F32
+        };
         Ok(Arc::new(GpuContext {
             device,
             queue,
             summary,
             features,
             max_binding,
+            kv,
             pipelines: Mutex::new(HashMap::new()),
             names: Mutex::new(HashMap::new()),
         }))
@@ -241,6 +262,11 @@ impl GpuContext {
     /// Largest storage binding kernels are given (bytes).
     pub fn max_binding(&self) -> u64 {
         self.max_binding
+    }
+
+    /// How sessions on this device store their KV caches.
+    pub fn kv_format(&self) -> super::ops::KvFormat {
+        self.kv
     }
 
     /// Whether the device has native f16 arithmetic enabled.

@@ -15,6 +15,7 @@ pub use context::{AdapterSummary, GpuContext, GpuOptions, list_adapters};
 pub(crate) use context::{Dispatch, groups_1d};
 pub use decoder::GpuDecoder;
 pub use matmul::GpuWeight;
+pub use ops::KvFormat;
 pub use session::GpuSession;
 
 #[cfg(test)]

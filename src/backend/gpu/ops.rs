@@ -144,6 +144,62 @@ fn check_len(buf: &Buffer, elems: usize, op: &str, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// How a KV cache stores keys and values on the device.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvFormat {
+    /// f32: exact, as the CPU backend.
+    #[default]
+    F32,
+    /// f16 (devices with `shader-f16`): half the memory and bandwidth;
+    /// each key and value rounded to 11 significant bits.
+    F16,
+}
+
+impl KvFormat {
+    /// Bytes per element.
+    pub fn bytes(self) -> usize {
+        match self {
+            KvFormat::F32 => 4,
+            KvFormat::F16 => 2,
+        }
+    }
+}
+
+/// `elems` KV-cache elements fit in `buf`.
+fn check_kv_len(buf: &Buffer, elems: usize, kv: KvFormat, op: &str, what: &str) -> Result<()> {
+    let need = elems as u128 * kv.bytes() as u128;
+    if (buf.size() as u128) < need {
+        return Err(Error::Invalid(format!(
+            "{op}: {what} has {} bytes, needs {need}",
+            buf.size()
+        )));
+    }
+    Ok(())
+}
+
+/// The pipeline of a kernel that reads or writes a KV cache: the shader's
+/// `alias KV = f32;` turned into f16 (with `enable f16;`) for [`KvFormat::F16`].
+fn kv_pipeline(
+    ctx: &GpuContext,
+    key: &str,
+    entry: &str,
+    source: &'static str,
+    kv: KvFormat,
+) -> Result<Arc<wgpu::ComputePipeline>> {
+    match kv {
+        KvFormat::F32 => pipeline(ctx, key, entry, source),
+        KvFormat::F16 if !ctx.has_f16() => Err(Error::Gpu(format!(
+            "an f16 KV cache needs shader-f16, which {} lacks (or was turned off)",
+            ctx.adapter().name
+        ))),
+        KvFormat::F16 => ctx.pipeline(&format!("{key}-kv16"), entry, || {
+            let f16 = source.replace("alias KV = f32;", "alias KV = f16;");
+            assert_ne!(f16, source, "{key} declares its KV type");
+            format!("enable f16;\n{f16}")
+        }),
+    }
+}
+
 /// Workgroups for `n` elements, one invocation each.
 fn element_groups(n: usize, op: &str) -> Result<[u32; 3]> {
     Ok(groups_1d(to_u32(n.div_ceil(ELEMENT_WG), op, "workgroups")?))
@@ -361,6 +417,7 @@ pub(crate) fn rope_kv(
     head_dim: usize,
     kind: RopeKind,
     dims: usize,
+    kv: KvFormat,
 ) -> Result<Dispatch> {
     let op = "rope_kv";
     let (n_head, n_kv_head) = heads;
@@ -374,8 +431,8 @@ pub(crate) fn rope_kv(
     check_len(q, n_tok * n_head * head_dim, op, "q")?;
     check_len(k, kv_n, op, "k")?;
     check_len(v, kv_n, op, "v")?;
-    check_len(k_cache, kv_n, op, "k_cache")?;
-    check_len(v_cache, kv_n, op, "v_cache")?;
+    check_kv_len(k_cache, kv_n, kv, op, "k_cache")?;
+    check_kv_len(v_cache, kv_n, kv, op, "v_cache")?;
     check_len(table, n_tok * half * 2, op, "table")?;
     let total = n_tok * n_head * half + 2 * kv_n;
     to_u32(total, op, "invocations")?;
@@ -389,7 +446,7 @@ pub(crate) fn rope_kv(
         _pad: [0; 2],
     };
     let params = ctx.uniform(&params, "rope_kv params");
-    let p = pipeline(ctx, "ops/rope", op, ROPE)?;
+    let p = kv_pipeline(ctx, "ops/rope", op, ROPE, kv)?;
     Ok(ctx.dispatch(
         &p,
         &[
@@ -458,6 +515,7 @@ pub(crate) fn attention(
     step: &Buffer,
     shape: &AttnShape,
     n_tok: usize,
+    kv: KvFormat,
 ) -> Result<Dispatch> {
     let op = "attention";
     let s = shape;
@@ -476,8 +534,8 @@ pub(crate) fn attention(
     let q_len = n_tok * s.n_head * s.head_dim;
     check_len(q, q_len, op, "q")?;
     check_len(out, q_len, op, "out")?;
-    check_len(k, n_tok * s.n_kv_head * s.head_dim, op, "k")?;
-    check_len(v, n_tok * s.n_kv_head * s.head_dim, op, "v")?;
+    check_kv_len(k, n_tok * s.n_kv_head * s.head_dim, kv, op, "k")?;
+    check_kv_len(v, n_tok * s.n_kv_head * s.head_dim, kv, op, "v")?;
     to_u32(q_len, op, "elements")?;
     let window = match s.window {
         None => 0,
@@ -494,7 +552,7 @@ pub(crate) fn attention(
         _pad: [0; 2],
     };
     let params = ctx.uniform(&params, "attention params");
-    let p = pipeline(ctx, "ops/attention", "attention", ATTENTION)?;
+    let p = kv_pipeline(ctx, "ops/attention", "attention", ATTENTION, kv)?;
     Ok(ctx.dispatch(
         &p,
         &[

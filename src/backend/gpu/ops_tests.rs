@@ -270,6 +270,7 @@ fn rope_kv_rotates_queries_and_appends_rotated_keys_and_values() {
                 d,
                 kind,
                 dims,
+                KvFormat::F32,
             )
             .unwrap();
             run(&ctx, &[disp]);
@@ -302,6 +303,96 @@ fn rope_kv_rotates_queries_and_appends_rotated_keys_and_values() {
     }
 }
 
+#[test]
+fn f16_kv_cache_stores_rounded_keys_and_values_and_attends_over_them() {
+    let Some(ctx) = testing::context() else {
+        return;
+    };
+    if !ctx.has_f16() {
+        eprintln!("skipping: {} has no shader-f16", ctx.adapter().name);
+        return;
+    }
+    let mut r = rng(13);
+    let (n_head, n_kv, d, n_tok, pos0, cap) = (4, 2, 64, 5, 30, 40);
+    let spec = Rope {
+        kind: RopeKind::Halves,
+        base: 10000.0,
+        dims: d,
+    };
+    let round =
+        |v: &[f32]| -> Vec<f32> { v.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect() };
+    let row = n_kv * d;
+    // Earlier tokens already in the (f16) cache; this step's through rope_kv.
+    let old_k = round(&random(&mut r, cap * row, -1.0, 1.0));
+    let old_v = round(&random(&mut r, cap * row, -1.0, 1.0));
+    let to16 = |v: &[f32]| -> Vec<u16> {
+        v.iter()
+            .map(|&x| half::f16::from_f32(x).to_bits())
+            .collect()
+    };
+    let kcb = ctx.upload(bytemuck::cast_slice(&to16(&old_k)), "k16");
+    let vcb = ctx.upload(bytemuck::cast_slice(&to16(&old_v)), "v16");
+    let q = random(&mut r, n_tok * n_head * d, -1.0, 1.0);
+    let k = random(&mut r, n_tok * row, -1.0, 1.0);
+    let v = random(&mut r, n_tok * row, -1.0, 1.0);
+    let (qb, kb, vb) = (upload(&ctx, &q), upload(&ctx, &k), upload(&ctx, &v));
+    let table = upload(&ctx, &rope_table(&spec, cap));
+    let step = step_uniform(&ctx, pos0, n_tok);
+    let s = AttnShape {
+        n_head,
+        n_kv_head: n_kv,
+        head_dim: d,
+        scale: 0.125,
+        window: Some(20),
+    };
+    let ob = ctx.storage((q.len() * 4) as u64, "out");
+    let f16 = KvFormat::F16;
+    let store = rope_kv(
+        &ctx,
+        &qb,
+        &kb,
+        &vb,
+        &kcb,
+        &vcb,
+        &table,
+        &step,
+        n_tok,
+        (n_head, n_kv),
+        d,
+        spec.kind,
+        d,
+        f16,
+    )
+    .unwrap();
+    let attend = attention(&ctx, &qb, &kcb, &vcb, &ob, &step, &s, n_tok, f16).unwrap();
+    run(&ctx, &[store, attend]);
+    // The CPU on the same values: keys rotated, then everything rounded to f16.
+    let mut rq = q.clone();
+    cpu::rope(&mut rq, n_tok, d, pos0, &spec);
+    let mut rk = k.clone();
+    cpu::rope(&mut rk, n_tok, d, pos0, &spec);
+    let (mut ck, mut cv) = (old_k.clone(), old_v.clone());
+    ck[pos0 * row..(pos0 + n_tok) * row].copy_from_slice(&round(&rk));
+    cv[pos0 * row..(pos0 + n_tok) * row].copy_from_slice(&round(&v));
+    let stored = ctx
+        .submit_and_read(ctx.encoder(), &kcb, 0, (cap * row * 2) as u64)
+        .unwrap();
+    let stored: Vec<f32> = bytemuck::cast_slice::<u8, u16>(&stored)
+        .iter()
+        .map(|&b| half::f16::from_bits(b).to_f32())
+        .collect();
+    // Rounding the GPU's and the CPU's f32 rotations may differ by one f16 step.
+    assert_close(&stored, &ck, 1e-3, "f16 keys");
+    let mut want = vec![0.0; q.len()];
+    cpu_attention::attention(&rq, &ck, &cv, pos0, &s, &mut want);
+    assert_close(
+        &ctx.read_f32(&ob, 0, q.len()).unwrap(),
+        &want,
+        1e-3,
+        "attention over f16 keys and values",
+    );
+}
+
 /// One attention case: random q and a cache of `pos0 + n_tok` (+ spare) rows.
 fn attention_case(
     ctx: &GpuContext,
@@ -322,7 +413,7 @@ fn attention_case(
     let (qb, kb, vb) = (upload(ctx, &q), upload(ctx, &k), upload(ctx, &v));
     let ob = ctx.storage((q.len() * 4) as u64, "out");
     let step = step_uniform(ctx, pos0, n_tok);
-    let disp = attention(ctx, &qb, &kb, &vb, &ob, &step, &s, n_tok).unwrap();
+    let disp = attention(ctx, &qb, &kb, &vb, &ob, &step, &s, n_tok, KvFormat::F32).unwrap();
     run(ctx, &[disp]);
     let got = ctx.read_f32(&ob, 0, q.len()).unwrap();
     assert_close(
@@ -401,14 +492,14 @@ fn attention_refuses_shapes_it_cannot_run() {
         scale: 1.0,
         window: None,
     };
-    assert!(attention(&ctx, &b, &b, &b, &b, &step, &s, 1).is_err());
+    assert!(attention(&ctx, &b, &b, &b, &b, &step, &s, 1, KvFormat::F32).is_err());
     let s = AttnShape {
         n_head: 3,
         n_kv_head: 2,
         head_dim: 64,
         ..s
     };
-    assert!(attention(&ctx, &b, &b, &b, &b, &step, &s, 1).is_err());
+    assert!(attention(&ctx, &b, &b, &b, &b, &step, &s, 1, KvFormat::F32).is_err());
 }
 
 #[test]

@@ -97,7 +97,7 @@ impl<'d, 'm> GpuSession<'d, 'm> {
             ));
         }
         let kv_dim = s.n_kv_head * s.head_dim;
-        let kv_bytes = (capacity * kv_dim * 4) as u64;
+        let kv_bytes = (capacity * kv_dim * ctx.kv_format().bytes()) as u64;
         check_binding(ctx, kv_bytes, "the KV cache of one layer")?;
         let k = (0..s.layers.len())
             .map(|_| ctx.storage(kv_bytes, "k-cache"))
@@ -230,6 +230,7 @@ impl<'d, 'm> GpuSession<'d, 'm> {
                 d,
                 r.kind,
                 r.dims,
+                ctx.kv_format(),
             )?);
             let shape = AttnShape {
                 n_head: s.n_head,
@@ -247,6 +248,7 @@ impl<'d, 'm> GpuSession<'d, 'm> {
                 &self.step,
                 &shape,
                 n,
+                ctx.kv_format(),
             )?);
             p.extend(mm(&lw.wo, &w.att, &w.o, q_dim, e)?);
             p.push(ops::add_rms_norm(
