@@ -1,4 +1,4 @@
-// Element-wise kernels: gated activations, residual add, KV-cache append.
+// Element-wise kernels: gated activations, residual add.
 //
 // One invocation per element, linear invocation id over workgroups of WG
 // (wid.x + wid.y * nwg.x); invocations past the end return. All entry points
@@ -9,29 +9,17 @@ const WG: u32 = 256u;
 struct Params {
     // Elements to process.
     n: u32,
-    // kv_store: elements per cache row.
-    row: u32,
     _pad0: u32,
     _pad1: u32,
+    _pad2: u32,
 }
 
-struct Step {
-    pos0: u32,
-    n_tok: u32,
-    _pad0: u32,
-    _pad1: u32,
-}
-
-// Element count (and row length for kv_store).
+// Element count.
 @group(0) @binding(0) var<uniform> params: Params;
-// Written operand, shape (n): gate (activations), x (add); for kv_store the
-// cache, shape (capacity, row) with capacity ≥ pos0 + n / row.
+// Written operand, shape (n): gate (activations), x (add).
 @group(0) @binding(1) var<storage, read_write> a: array<f32>;
-// Read operand, shape (n): up (activations), y (add); for kv_store the new
-// rows, shape (n / row, row).
+// Read operand, shape (n): up (activations), y (add).
 @group(0) @binding(2) var<storage, read> b: array<f32>;
-// kv_store only: per-step values; pos0 is read.
-@group(0) @binding(3) var<uniform> step_params: Step;
 
 fn linear_id(wid: vec3<u32>, nwg: vec3<u32>, lid: u32) -> u32 {
     return (wid.x + wid.y * nwg.x) * WG + lid;
@@ -82,19 +70,4 @@ fn add(
         return;
     }
     a[i] = a[i] + b[i];
-}
-
-// cache[pos0 * row + i] = src[i] for i < n (n = n_tok * row: the rows of
-// tokens pos0 .. pos0 + n_tok).
-@compute @workgroup_size(WG)
-fn kv_store(
-    @builtin(workgroup_id) wid: vec3<u32>,
-    @builtin(num_workgroups) nwg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let i = linear_id(wid, nwg, lid);
-    if i >= params.n {
-        return;
-    }
-    a[step_params.pos0 * params.row + i] = b[i];
 }

@@ -85,8 +85,7 @@ struct RopeParams {
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
 struct ElementParams {
     n: u32,
-    row: u32,
-    _pad: [u32; 2],
+    _pad: [u32; 3],
 }
 
 #[repr(C)]
@@ -401,7 +400,7 @@ pub(crate) fn rope(
 /// `(n_tok, n_kv_head · head_dim)` rotated the same way into `k_cache`, and
 /// the values `v` copied into `v_cache`, at rows `step.pos0 + t` of the caches
 /// (`(capacity, n_kv_head · head_dim)`). Replaces two `rope` and two
-/// [`kv_store`] dispatches.
+/// KV-cache append dispatches.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn rope_kv(
     ctx: &GpuContext,
@@ -460,42 +459,6 @@ pub(crate) fn rope_kv(
             v_cache.as_entire_binding(),
         ],
         element_groups(total, op)?,
-    ))
-}
-
-/// `cache[(step.pos0 + t)·row + i] = src[t·row + i]` for `t < n_tok`,
-/// `i < row`: appends the step's keys or values to a KV cache.
-// Standalone op (the decoder uses the fused [`rope_kv`]); kept, with its
-// tests, for graphs that rotate without caching.
-#[cfg_attr(not(test), allow(dead_code))]
-pub(crate) fn kv_store(
-    ctx: &GpuContext,
-    src: &Buffer,
-    cache: &Buffer,
-    step: &Buffer,
-    n_tok: usize,
-    row: usize,
-) -> Result<Dispatch> {
-    let op = "kv_store";
-    let n = n_tok * row;
-    check_len(src, n, op, "src")?;
-    check_len(cache, n, op, "cache")?;
-    let params = ElementParams {
-        n: to_u32(n, op, "elements")?,
-        row: to_u32(row, op, "row")?,
-        _pad: [0; 2],
-    };
-    let params = ctx.uniform(&params, "kv_store params");
-    let p = pipeline(ctx, "ops/elementwise", "kv_store", ELEMENTWISE)?;
-    Ok(ctx.dispatch(
-        &p,
-        &[
-            params.as_entire_binding(),
-            cache.as_entire_binding(),
-            src.as_entire_binding(),
-            step.as_entire_binding(),
-        ],
-        element_groups(n, op)?,
     ))
 }
 
@@ -573,8 +536,7 @@ fn binary(ctx: &GpuContext, entry: &str, a: &Buffer, b: &Buffer, n: usize) -> Re
     check_len(b, n, entry, "the read operand")?;
     let params = ElementParams {
         n: to_u32(n, entry, "n")?,
-        row: 0,
-        _pad: [0; 2],
+        _pad: [0; 3],
     };
     let params = ctx.uniform(&params, entry);
     let p = pipeline(ctx, "ops/elementwise", entry, ELEMENTWISE)?;

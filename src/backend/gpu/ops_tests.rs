@@ -158,24 +158,6 @@ fn rope_table_is_cos_sin_per_position() {
 }
 
 #[test]
-fn kv_store_appends_rows_at_pos0() {
-    let Some(ctx) = testing::context() else {
-        return;
-    };
-    let mut r = rng(3);
-    let (cap, row, n_tok, pos0) = (20, 48, 3, 5);
-    let cache = random(&mut r, cap * row, -1.0, 1.0);
-    let src = random(&mut r, n_tok * row, -1.0, 1.0);
-    let (cb, sb) = (upload(&ctx, &cache), upload(&ctx, &src));
-    let step = step_uniform(&ctx, pos0, n_tok);
-    let d = kv_store(&ctx, &sb, &cb, &step, n_tok, row).unwrap();
-    run(&ctx, &[d]);
-    let mut want = cache.clone();
-    want[pos0 * row..(pos0 + n_tok) * row].copy_from_slice(&src);
-    assert_eq!(ctx.read_f32(&cb, 0, cap * row).unwrap(), want);
-}
-
-#[test]
 fn add_rms_norm_is_residual_add_then_norm_with_optional_post_norm() {
     let Some(ctx) = testing::context() else {
         return;
