@@ -4,7 +4,7 @@
 
 use edgetune::backend::cpu::{CpuDecoder, CpuOptions, Logits, MatvecMode};
 use edgetune::backend::gpu::{GpuContext, GpuDecoder, GpuOptions};
-use edgetune::backend::{Decoder, Pick, argmax};
+use edgetune::backend::{Decoder, Pick, Session, argmax};
 use edgetune::gguf::{GgufWriter, Value};
 use edgetune::model::Model;
 use edgetune::quant::{self, GgmlType};
@@ -531,6 +531,16 @@ fn gpu_matches_cpu(c: Cfg, max_binding: Option<u64>, n_tok: usize) -> usize {
             "{what} nll {g} vs {w}"
         );
     }
+    // A profile of one step times every dispatch of it, by kernel.
+    let mut s = gpu.new_session(n_tok).unwrap();
+    let prof = s.profile(1).unwrap();
+    let launches: usize = prof.iter().map(|(_, n, _)| n).sum();
+    assert_eq!(launches, s.dispatches_per_token(), "{what} profile");
+    assert!(
+        prof.iter().any(|(k, _, _)| k.contains("attention")),
+        "{prof:?}"
+    );
+    assert!(s.is_empty(), "profiling leaves the session empty");
     gpu.split_weights().len()
 }
 

@@ -400,24 +400,17 @@ impl GpuSession<'_, '_> {
         drop(self.begin(&tokens)?);
         let ctx = self.dec.ctx.clone();
         self.tail(Tail::Greedy(n_tok))?;
-        let plan: Vec<usize> = (0..self.plans[&n_tok].len()).collect();
+        let layers = self.plans[&n_tok].iter().map(|d| (d, ""));
+        let tail = self.tails[&Tail::Greedy(n_tok)]
+            .iter()
+            .map(|d| (d, " (tail)"));
         let mut by: HashMap<String, (usize, f64)> = HashMap::new();
-        for i in plan {
-            let d = &self.plans[&n_tok][i];
+        for (d, suffix) in layers.chain(tail) {
             let mut enc = ctx.encoder();
             GpuContext::record(&mut enc, std::slice::from_ref(d));
             let t = std::time::Instant::now();
             ctx.submit_and_wait(enc)?;
-            let e = by.entry(d.name.to_string()).or_default();
-            e.0 += 1;
-            e.1 += t.elapsed().as_secs_f64();
-        }
-        for d in &self.tails[&Tail::Greedy(n_tok)] {
-            let mut enc = ctx.encoder();
-            GpuContext::record(&mut enc, std::slice::from_ref(d));
-            let t = std::time::Instant::now();
-            ctx.submit_and_wait(enc)?;
-            let e = by.entry(format!("{} (tail)", d.name)).or_default();
+            let e = by.entry(format!("{}{suffix}", d.name)).or_default();
             e.0 += 1;
             e.1 += t.elapsed().as_secs_f64();
         }
