@@ -303,3 +303,16 @@ fn score_on_the_gpu_matches_the_cpu() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("no-such-gpu"), "{}", stderr(&o));
 }
+
+#[test]
+fn looking_for_a_gpu_prints_no_driver_noise_without_a_desktop_session() {
+    // Mesa's Vulkan drivers probe for Wayland while adapters are listed; with
+    // no XDG_RUNTIME_DIR (servers, CI) libwayland would print "error: …".
+    let o = Command::new(env!("CARGO_BIN_EXE_edgetune"))
+        .args(["info", "--devices"])
+        .env_remove("XDG_RUNTIME_DIR")
+        .output()
+        .expect("run edgetune");
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("XDG_RUNTIME_DIR"), "{}", stderr(&o));
+}

@@ -22,7 +22,7 @@ pub struct InfoArgs {
 
 /// `info --devices`: every adapter wgpu finds, best first.
 fn devices(json: bool) -> Result<(), Error> {
-    let list = list_adapters();
+    let list = super::quiet_wayland_probe(list_adapters);
     if json {
         return print_json(&list);
     }

@@ -112,11 +112,13 @@ impl RunArgs {
 
     /// The GPU context this run asks for.
     pub fn gpu_context(&self, allow_software: bool) -> Result<Arc<GpuContext>, Error> {
-        GpuContext::new(&GpuOptions {
-            adapter: self.gpu_adapter.clone(),
-            allow_software,
-            kv_f16: self.kv_f16,
-            ..Default::default()
+        quiet_wayland_probe(|| {
+            GpuContext::new(&GpuOptions {
+                adapter: self.gpu_adapter.clone(),
+                allow_software,
+                kv_f16: self.kv_f16,
+                ..Default::default()
+            })
         })
     }
 
@@ -133,6 +135,67 @@ impl RunArgs {
         });
         pb.finish_and_clear();
         d
+    }
+}
+
+/// Run `f` (which lists or opens GPU adapters) with stderr muted when no
+/// desktop session exists (`XDG_RUNTIME_DIR` unset: servers, containers,
+/// CI). Mesa's Vulkan drivers probe for a Wayland display while adapters are
+/// listed, and libwayland then prints "error: XDG_RUNTIME_DIR is invalid or
+/// not set" twice: harmless, but it reads like edgetune failing, on every
+/// command that looks for a GPU. Errors of ours are values, not prints, so
+/// nothing of edgetune's is lost.
+pub fn quiet_wayland_probe<T>(f: impl FnOnce() -> T) -> T {
+    #[cfg(unix)]
+    {
+        if std::env::var_os("XDG_RUNTIME_DIR").is_none() {
+            let _muted = MutedStderr::new();
+            return f();
+        }
+    }
+    f()
+}
+
+/// stderr pointed at /dev/null until dropped (a panic inside restores it too).
+#[cfg(unix)]
+struct MutedStderr {
+    saved: Option<libc::c_int>,
+}
+
+#[cfg(unix)]
+impl MutedStderr {
+    fn new() -> Self {
+        // SAFETY: plain descriptor calls on fd 2 and descriptors this function
+        // opens; each result is checked, and on any failure stderr is left as is.
+        unsafe {
+            let saved = libc::dup(2);
+            if saved < 0 {
+                return MutedStderr { saved: None };
+            }
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+            if null < 0 || libc::dup2(null, 2) < 0 {
+                if null >= 0 {
+                    libc::close(null);
+                }
+                libc::close(saved);
+                return MutedStderr { saved: None };
+            }
+            libc::close(null);
+            MutedStderr { saved: Some(saved) }
+        }
+    }
+}
+
+#[cfg(unix)]
+impl Drop for MutedStderr {
+    fn drop(&mut self) {
+        if let Some(saved) = self.saved {
+            // SAFETY: `saved` is the descriptor dup'ed from stderr in `new`.
+            unsafe {
+                libc::dup2(saved, 2);
+                libc::close(saved);
+            }
+        }
     }
 }
 
