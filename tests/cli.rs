@@ -270,38 +270,21 @@ fn score_on_the_gpu_matches_the_cpu() {
     assert_eq!(gpu["tokens"], cpu["tokens"]);
     assert!((g - c).abs() / c < 1e-3, "gpu {g} vs cpu {c}");
 
-    // Asking for a GPU adapter while forcing the CPU is a usage error.
-    let o = edgetune(&[
-        "score",
-        &m,
-        file.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--gpu-adapter",
-        "x",
-    ]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("--gpu-adapter"), "{}", stderr(&o));
-    let o = edgetune(&[
-        "score",
-        &m,
-        file.to_str().unwrap(),
-        "--device",
-        "cpu",
-        "--kv-f16",
-    ]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("--kv-f16"), "{}", stderr(&o));
-    // An adapter that does not exist is named.
-    let o = edgetune(&[
-        "score",
-        &m,
-        file.to_str().unwrap(),
-        "--gpu-adapter",
-        "no-such-gpu",
-    ]);
-    assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("no-such-gpu"), "{}", stderr(&o));
+    // GPU options with the CPU forced, and an adapter that does not exist:
+    // failures that name what was at fault.
+    let file = file.to_str().unwrap();
+    for (extra, named) in [
+        (
+            &["--device", "cpu", "--gpu-adapter", "x"][..],
+            "--gpu-adapter",
+        ),
+        (&["--device", "cpu", "--kv-f16"][..], "--kv-f16"),
+        (&["--gpu-adapter", "no-such-gpu"][..], "no-such-gpu"),
+    ] {
+        let o = edgetune(&[&["score", &m, file][..], extra].concat());
+        assert_eq!(o.status.code(), Some(1), "{extra:?}");
+        assert!(stderr(&o).contains(named), "{}", stderr(&o));
+    }
 }
 
 #[test]

@@ -39,6 +39,23 @@ impl Cfg {
             ty,
         }
     }
+
+    /// A small gemma3 of six layers (five sliding, one global): one
+    /// key/value head, head_dim 32.
+    fn gemma3(ty: GgmlType, window: usize) -> Cfg {
+        Cfg {
+            arch: "gemma3",
+            n_embd: 64,
+            n_head: 2,
+            n_kv: 1,
+            head_dim: 32,
+            n_ff: 128,
+            n_vocab: 40,
+            n_layer: 6,
+            window,
+            ty,
+        }
+    }
 }
 
 /// Deterministic pseudo-random values in [-scale, scale).
@@ -347,18 +364,7 @@ fn tiny_llama_matches_naive_forward() {
 fn tiny_gemma3_matches_naive_forward_with_sliding_window() {
     // Six layers: five sliding (window 4 < 11 tokens) and one global.
     for ty in [GgmlType::F32, GgmlType::Q8_0] {
-        check(Cfg {
-            arch: "gemma3",
-            n_embd: 64,
-            n_head: 2,
-            n_kv: 1,
-            head_dim: 32,
-            n_ff: 128,
-            n_vocab: 40,
-            n_layer: 6,
-            window: 4,
-            ty,
-        });
+        check(Cfg::gemma3(ty, 4));
     }
 }
 
@@ -552,41 +558,11 @@ fn tiny_models_on_the_gpu_match_the_cpu_with_split_tensors() {
         assert!(split > 0, "the f32 token embedding must be split");
     }
     gpu_matches_cpu(Cfg::llama(GgmlType::Q4_1, 2), Some(8192), 11);
-    gpu_matches_cpu(
-        Cfg {
-            arch: "gemma3",
-            n_embd: 64,
-            n_head: 2,
-            n_kv: 1,
-            head_dim: 32,
-            n_ff: 128,
-            n_vocab: 40,
-            n_layer: 6,
-            window: 4,
-            ty: GgmlType::Q8_0,
-        },
-        Some(8192),
-        11,
-    );
+    gpu_matches_cpu(Cfg::gemma3(GgmlType::Q8_0, 4), Some(8192), 11);
 }
 
 #[test]
 fn a_long_prompt_on_the_gpu_runs_as_several_passes() {
     // More than one pass of 512 tokens, and a sliding window far behind.
-    gpu_matches_cpu(
-        Cfg {
-            arch: "gemma3",
-            n_embd: 64,
-            n_head: 2,
-            n_kv: 1,
-            head_dim: 32,
-            n_ff: 128,
-            n_vocab: 40,
-            n_layer: 6,
-            window: 16,
-            ty: GgmlType::Q4_0,
-        },
-        None,
-        600,
-    );
+    gpu_matches_cpu(Cfg::gemma3(GgmlType::Q4_0, 16), None, 600);
 }
