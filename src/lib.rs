@@ -25,11 +25,14 @@
 //! See `ARCHITECTURE.md` for the shape of the whole.
 
 pub mod backend;
+pub mod data;
 pub mod error;
+pub mod export;
 pub mod gguf;
 pub mod infer;
 pub mod model;
 pub mod quant;
 pub mod tokenizer;
+pub mod train;
 
 pub use error::{Error, Result};

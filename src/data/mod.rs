@@ -1,0 +1,1 @@
+//! Training data: dataset formats, chat and prompt masking, packing, splits.

@@ -1,0 +1,3 @@
+//! Adapters on disk: the GGUF LoRA format llama.cpp loads.
+
+pub mod gguf_lora;
