@@ -10,6 +10,7 @@
 mod gemma3;
 mod llama;
 mod summary;
+pub mod tiny;
 
 pub use summary::ModelSummary;
 

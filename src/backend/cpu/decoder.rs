@@ -88,7 +88,7 @@ pub struct CpuDecoder<'m> {
 pub const MAX_THREADS: usize = 1024;
 
 /// A thread pool of `threads` workers (`0`: one per core).
-fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
+pub(crate) fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
     if threads > MAX_THREADS {
         return Err(Error::Invalid(format!(
             "{threads} worker threads requested; at most {MAX_THREADS} are allowed"

@@ -92,6 +92,119 @@ pub fn gemm_nn(
     unsafe { kernel(m, n, k, a, lda, b, (1, ldb), c.as_mut_ptr(), ldc) }
 }
 
+/// A row-major matrix operand of [`matmul_into`]: `rows × cols` values with
+/// row stride `ld`, read transposed when `t`.
+#[derive(Clone, Copy)]
+pub struct Operand<'a> {
+    /// The values.
+    pub data: &'a [f32],
+    /// Row stride of the stored matrix.
+    pub ld: usize,
+    /// Use the transpose of the stored matrix.
+    pub t: bool,
+}
+
+impl<'a> Operand<'a> {
+    /// A contiguous matrix with `cols` values per stored row.
+    pub fn new(data: &'a [f32], cols: usize) -> Operand<'a> {
+        Operand {
+            data,
+            ld: cols,
+            t: false,
+        }
+    }
+
+    /// The same matrix, transposed.
+    pub fn t(self) -> Operand<'a> {
+        Operand { t: !self.t, ..self }
+    }
+
+    /// A view with another row stride.
+    pub fn ld(self, ld: usize) -> Operand<'a> {
+        Operand { ld, ..self }
+    }
+
+    /// (row stride, column stride) of the logical matrix.
+    fn strides(&self) -> (isize, isize) {
+        if self.t {
+            (1, self.ld as isize)
+        } else {
+            (self.ld as isize, 1)
+        }
+    }
+
+    /// Check that a logical `rows × cols` matrix is in bounds.
+    fn check(&self, rows: usize, cols: usize, what: &str) {
+        if rows == 0 || cols == 0 {
+            return;
+        }
+        let (r, c) = if self.t { (cols, rows) } else { (rows, cols) };
+        assert!(self.data.len() >= extent(r, c, self.ld, what), "matmul_into: {what} too short");
+    }
+}
+
+/// `C (m × n, row stride ldc) = [C +] A (m × k) · B (k × n)` with operands in
+/// any orientation, threaded by `gemm` itself when `threads > 1`.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_into(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Operand,
+    b: Operand,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    a.check(m, k, "A");
+    b.check(k, n, "B");
+    assert!(c.len() >= extent(m, n, ldc, "C"), "matmul_into: C too short");
+    if k == 0 {
+        if !accumulate {
+            for row in c.chunks_mut(ldc).take(m) {
+                row[..n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let (a_rs, a_cs) = a.strides();
+    let (b_rs, b_cs) = b.strides();
+    let par = if threads > 1 && m * n * k >= 1 << 18 {
+        Parallelism::Rayon(threads)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: every operand's extent was checked above; `c` is borrowed
+    // mutably for the call.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            ldc as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a_cs,
+            a_rs,
+            b.data.as_ptr(),
+            b_cs,
+            b_rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
 /// The one call into `gemm`: C (row stride `ldc`) = A (row stride `lda`) · B,
 /// where B(p, j) is at `b[j·b_col + p·b_row]` for `(b_col, b_row)`.
 ///
@@ -176,6 +289,27 @@ mod tests {
             for j in 0..n {
                 let want: f32 = (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum();
                 assert!((c[i * n + j] - want).abs() < 1e-4);
+            }
+        }
+    }
+
+    #[test]
+    fn matmul_into_handles_every_orientation_and_accumulates() {
+        let (m, n, k) = (6, 5, 7);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 17) as f32 - 8.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 13) % 11) as f32 * 0.25).collect();
+        let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+        let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+        let want = |i: usize, j: usize| (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f32>();
+        for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+            let oa = if ta { Operand::new(&at, m).t() } else { Operand::new(&a, k) };
+            let ob = if tb { Operand::new(&bt, k).t() } else { Operand::new(&b, n) };
+            let mut c = vec![1.0; m * n];
+            matmul_into(m, n, k, oa, ob, &mut c, n, true, 1);
+            for i in 0..m {
+                for j in 0..n {
+                    assert!((c[i * n + j] - 1.0 - want(i, j)).abs() < 1e-3, "{ta} {tb}");
+                }
             }
         }
     }

@@ -8,8 +8,10 @@ pub mod gemm;
 pub mod matmul;
 pub mod ops;
 mod session;
+pub mod train;
 
 pub use crate::backend::Logits;
+pub(crate) use decoder::thread_pool;
 pub use decoder::{CpuDecoder, CpuOptions, KvCache};
 pub use matmul::MatvecMode;
 pub use session::CpuSession;

@@ -1,0 +1,356 @@
+//! Executing a planned training graph on the CPU.
+//!
+//! [`CpuStep`] holds the arena the [`MemoryPlan`] sized, the decoded norm
+//! vectors, RoPE tables and the scratch of the quantized products; `run`
+//! executes every node in order, reading parameters from the caller and
+//! leaving the loss and the parameter gradients in the arena.
+
+pub mod attention;
+pub mod loss;
+pub mod ops;
+#[cfg(test)]
+mod tests;
+
+use super::gemm::{Operand, matmul_into};
+use super::matmul::{QMatrix, matmul};
+use crate::graph::{Graph, MemoryPlan, Op, StepInputs, TensorId, TensorKind};
+use crate::model::{Model, Rope};
+use crate::{Error, Result};
+use attention::{AttnSaved, Rows};
+use rayon::prelude::*;
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Tokens per chunk of the loss head (bounds its logits to `chunk × vocab`).
+pub const DEFAULT_LOSS_CHUNK: usize = 128;
+
+/// Time spent per op kind in one or more steps.
+#[derive(Debug, Clone, Default)]
+pub struct StepProfile {
+    /// (op name, calls, seconds), in first-seen order.
+    pub ops: Vec<(&'static str, usize, f64)>,
+}
+
+impl StepProfile {
+    fn add(&mut self, name: &'static str, secs: f64) {
+        match self.ops.iter_mut().find(|e| e.0 == name) {
+            Some(e) => {
+                e.1 += 1;
+                e.2 += secs;
+            }
+            None => self.ops.push((name, 1, secs)),
+        }
+    }
+}
+
+/// A training graph prepared to run on the CPU.
+pub struct CpuStep<'m> {
+    graph: Graph,
+    plan: MemoryPlan,
+    arena: Vec<f32>,
+    vectors: Vec<Option<Vec<f32>>>,
+    matrices: Vec<Option<QMatrix<'m>>>,
+    ropes: Vec<(Rope, Vec<(f32, f32)>)>,
+    wscratch: Vec<f32>,
+    logits: Vec<f32>,
+    loss_chunk: usize,
+    threads: usize,
+    pool: Arc<rayon::ThreadPool>,
+    /// Per-op timings, when enabled.
+    pub profile: Option<StepProfile>,
+}
+
+/// Bytes of the scratch a [`CpuStep`] allocates besides its arena: the
+/// widest frozen matrix decoded to f32 and the loss head's logits.
+pub fn workspace_bytes(g: &Graph, loss_chunk: usize, n_vocab: usize) -> u64 {
+    let widest = g
+        .nodes
+        .iter()
+        .filter_map(|n| match n.op {
+            Op::LinearBackX { w } => Some(g.frozen[w].numel()),
+            _ => None,
+        })
+        .max()
+        .unwrap_or(0);
+    4 * (widest + loss_chunk.min(g.n_tokens()) * n_vocab) as u64
+}
+
+impl<'m> CpuStep<'m> {
+    /// Prepare `graph` (differentiated and planned by `plan`) over `model`'s
+    /// weights, on `threads` workers (0: one per core).
+    pub fn new(model: &'m Model, graph: Graph, plan: MemoryPlan, threads: usize) -> Result<Self> {
+        let mut vectors = Vec::new();
+        let mut matrices = Vec::new();
+        for w in &graph.frozen {
+            if w.rows == 1 {
+                vectors.push(Some(model.vector(w)?));
+                matrices.push(None);
+            } else {
+                vectors.push(None);
+                matrices.push(Some(QMatrix::new(w.ty, w.rows, w.cols, model.data(w))?));
+            }
+        }
+        let mut ropes: Vec<(Rope, Vec<(f32, f32)>)> = Vec::new();
+        for n in &graph.nodes {
+            if let Op::Rope { rope, .. } | Op::RopeBack { rope, .. } = n.op
+                && !ropes.iter().any(|(r, _)| *r == rope)
+            {
+                ropes.push((rope, ops::rope_table(&rope, graph.seq)));
+            }
+        }
+        let n_vocab = model.spec().n_vocab;
+        let loss_chunk = DEFAULT_LOSS_CHUNK.min(graph.n_tokens());
+        let widest = graph
+            .nodes
+            .iter()
+            .filter_map(|n| match n.op {
+                Op::LinearBackX { w } => Some(graph.frozen[w].numel()),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
+        Ok(CpuStep {
+            arena: vec![0.0; plan.arena_len],
+            wscratch: vec![0.0; widest],
+            logits: vec![0.0; loss_chunk * n_vocab],
+            loss_chunk,
+            threads: if threads == 0 {
+                std::thread::available_parallelism().map_or(1, |n| n.get())
+            } else {
+                threads
+            },
+            pool: super::thread_pool(threads)?,
+            graph,
+            plan,
+            vectors,
+            matrices,
+            ropes,
+            profile: None,
+        })
+    }
+
+    /// The graph being run.
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    /// The memory plan in use.
+    pub fn plan(&self) -> &MemoryPlan {
+        &self.plan
+    }
+
+    /// A tensor's values after [`CpuStep::run`] (arena tensors only).
+    pub fn tensor(&self, t: TensorId) -> &[f32] {
+        let off = self.plan.offsets[t].expect("an arena tensor");
+        &self.arena[off..off + self.graph.tensors[t].shape.numel()]
+    }
+
+    /// Gradient of parameter `i` after [`CpuStep::run`].
+    pub fn grad(&self, i: usize) -> &[f32] {
+        self.tensor(self.graph.param_grads[i].expect("a differentiated graph"))
+    }
+
+    /// Run forward, loss and backward. `params[i]` holds parameter `i`.
+    /// Returns (Σ NLL over targets, number of targets).
+    pub fn run(&mut self, inp: &StepInputs, params: &[Vec<f32>]) -> Result<(f64, usize)> {
+        self.check(inp, params)?;
+        let pool = self.pool.clone();
+        pool.install(|| self.run_nodes(inp, params))
+    }
+
+    fn check(&self, inp: &StepInputs, params: &[Vec<f32>]) -> Result<()> {
+        let g = &self.graph;
+        let n = g.n_tokens();
+        for (what, v) in [
+            ("tokens", inp.tokens),
+            ("targets", inp.targets),
+            ("positions", inp.positions),
+            ("seg_start", inp.seg_start),
+        ] {
+            if v.len() != n {
+                return Err(Error::Invalid(format!(
+                    "step input {what} has {} values, the graph takes {n} ({} × {})",
+                    v.len(),
+                    g.batch,
+                    g.seq
+                )));
+            }
+        }
+        let vocab = g.frozen.iter().map(|w| w.rows).max().unwrap_or(0);
+        if let Some(&t) = inp.tokens.iter().find(|&&t| t as usize >= vocab) {
+            return Err(Error::Invalid(format!("token id {t} is outside the vocabulary")));
+        }
+        for (i, (&p, &s)) in inp.positions.iter().zip(inp.seg_start).enumerate() {
+            if p as usize >= g.seq || s as usize > i % g.seq {
+                return Err(Error::Invalid(format!(
+                    "token {i}: position {p} or segment start {s} out of range for sequences of {}",
+                    g.seq
+                )));
+            }
+        }
+        if params.len() != g.params.len() {
+            return Err(Error::Invalid(format!(
+                "{} parameter tensors given, the graph has {}",
+                params.len(),
+                g.params.len()
+            )));
+        }
+        for (p, v) in g.params.iter().zip(params) {
+            if v.len() != p.shape.numel() {
+                return Err(Error::Invalid(format!(
+                    "parameter {} has {} values, expected {}",
+                    p.name,
+                    v.len(),
+                    p.shape.numel()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn run_nodes(&mut self, inp: &StepInputs, params: &[Vec<f32>]) -> Result<(f64, usize)> {
+        let mut result = (0.0, 0);
+        let base = self.arena.as_mut_ptr();
+        let (g, plan) = (&self.graph, &self.plan);
+        let rows = Rows {
+            batch: g.batch,
+            seq: g.seq,
+            seg_start: inp.seg_start,
+        };
+        // SAFETY (for `read` and `write`): offsets and lengths come from the
+        // plan, which places every arena tensor inside `arena_len` and never
+        // gives a node's output the space of a tensor alive at that node, so
+        // an output slice never overlaps another slice in use.
+        let read = |t: TensorId| -> &[f32] {
+            match g.tensors[t].kind {
+                TensorKind::Param(i) => &params[i],
+                _ => unsafe { std::slice::from_raw_parts(base.add(plan.offsets[t].unwrap()), g.tensors[t].shape.numel()) },
+            }
+        };
+        #[allow(clippy::mut_from_ref)]
+        let write = |t: TensorId| -> &mut [f32] {
+            let off = plan.offsets[t].expect("outputs live in the arena");
+            unsafe { std::slice::from_raw_parts_mut(base.add(off), g.tensors[t].shape.numel()) }
+        };
+        let threads = self.threads;
+        for node in &g.nodes {
+            let start = self.profile.as_ref().map(|_| Instant::now());
+            let i = &node.inputs;
+            let o = &node.outputs;
+            match &node.op {
+                Op::Embed { w, scale } => {
+                    let m = self.matrices[*w].as_ref().unwrap();
+                    let x = write(o[0]);
+                    x.par_chunks_mut(m.cols).zip(inp.tokens.par_iter()).for_each(|(r, &t)| {
+                        m.dequantize_row(t as usize, r);
+                        if *scale != 1.0 {
+                            r.iter_mut().for_each(|v| *v *= scale);
+                        }
+                    });
+                }
+                Op::RmsNorm { w, eps } => {
+                    let wv = self.vectors[*w].as_ref().unwrap();
+                    ops::rms_norm_forward(read(i[0]), wv, *eps, write(o[0]));
+                }
+                Op::RmsNormBack { w, eps } => {
+                    let wv = self.vectors[*w].as_ref().unwrap();
+                    ops::rms_norm_backward(read(i[0]), read(i[1]), wv, *eps, write(o[0]));
+                }
+                Op::Linear { w } => {
+                    matmul(read(i[0]), self.matrices[*w].as_ref().unwrap(), write(o[0]));
+                }
+                Op::LinearBackX { w } => {
+                    let m = self.matrices[*w].as_ref().unwrap();
+                    let wf = &mut self.wscratch[..m.rows * m.cols];
+                    wf.par_chunks_mut(m.cols)
+                        .enumerate()
+                        .for_each(|(r, row)| m.dequantize_row(r, row));
+                    let dy = read(i[0]);
+                    let n = dy.len() / m.rows;
+                    let a = Operand::new(dy, m.rows);
+                    matmul_into(n, m.cols, m.rows, a, Operand::new(wf, m.cols), write(o[0]), m.cols, false, threads);
+                }
+                Op::MatmulT => {
+                    let (x, p) = (read(i[0]), g.shape(i[1]));
+                    let n = x.len() / p.cols;
+                    let (a, b) = (Operand::new(x, p.cols), Operand::new(read(i[1]), p.cols).t());
+                    matmul_into(n, p.rows, p.cols, a, b, write(o[0]), p.rows, false, threads);
+                }
+                Op::MatmulNN => {
+                    let (dy, p) = (read(i[0]), g.shape(i[1]));
+                    let n = dy.len() / p.rows;
+                    let (a, b) = (Operand::new(dy, p.rows), Operand::new(read(i[1]), p.cols));
+                    matmul_into(n, p.cols, p.rows, a, b, write(o[0]), p.cols, false, threads);
+                }
+                Op::MatmulTN => {
+                    let (dy, x) = (g.shape(i[0]), g.shape(i[1]));
+                    let a = Operand::new(read(i[0]), dy.cols).t();
+                    let b = Operand::new(read(i[1]), x.cols);
+                    matmul_into(dy.cols, x.cols, dy.rows, a, b, write(o[0]), x.cols, false, threads);
+                }
+                Op::AddScaled { s } => zip2(read(i[0]), read(i[1]), write(o[0]), |a, b| a + s * b),
+                Op::Add => zip2(read(i[0]), read(i[1]), write(o[0]), |a, b| a + b),
+                Op::Scale { s } => {
+                    let (x, y) = (read(i[0]), write(o[0]));
+                    y.par_iter_mut().zip(x.par_iter()).for_each(|(y, &x)| *y = s * x);
+                }
+                Op::Rope { rope, head_dim } | Op::RopeBack { rope, head_dim } => {
+                    let sign = if matches!(node.op, Op::Rope { .. }) { 1.0 } else { -1.0 };
+                    let table = &self.ropes.iter().find(|(r, _)| r == rope).unwrap().1;
+                    ops::rope_apply(read(i[0]), inp.positions, *head_dim, rope, table, sign, write(o[0]));
+                }
+                Op::Attention(geom) => {
+                    let (q, k, v) = (read(i[0]), read(i[1]), read(i[2]));
+                    attention::attention_forward(q, k, v, &rows, geom, write(o[0]), write(o[1]));
+                }
+                Op::AttentionBack(geom) => {
+                    let saved = AttnSaved {
+                        q: read(i[0]),
+                        k: read(i[1]),
+                        v: read(i[2]),
+                        o: read(i[3]),
+                        lse: read(i[4]),
+                    };
+                    let (dq, dk, dv) = (write(o[0]), write(o[1]), write(o[2]));
+                    attention::attention_backward(&saved, read(i[5]), &rows, geom, dq, dk, dv);
+                }
+                Op::Gated { act } => ops::gated_forward(read(i[0]), read(i[1]), *act, write(o[0])),
+                Op::GatedBack { act } => {
+                    let (dg, du) = (write(o[0]), write(o[1]));
+                    ops::gated_backward(read(i[0]), read(i[1]), read(i[2]), *act, dg, du);
+                }
+                Op::Dropout { p, site } => ops::dropout(read(i[0]), *p, inp.seed, *site, write(o[0])),
+                Op::LossHead { w } => {
+                    let m = self.matrices[*w].as_ref().unwrap();
+                    let (sum, count) = loss::loss_head(
+                        read(i[0]),
+                        m,
+                        inp.targets,
+                        inp.loss_scale,
+                        self.loss_chunk,
+                        &mut self.logits,
+                        write(o[1]),
+                    );
+                    let l = write(o[0]);
+                    l[0] = sum as f32;
+                    l[1] = count as f32;
+                    result = (sum, count);
+                }
+            }
+            if let (Some(p), Some(t)) = (self.profile.as_mut(), start) {
+                p.add(node.op.name(), t.elapsed().as_secs_f64());
+            }
+        }
+        Ok(result)
+    }
+}
+
+fn zip2(a: &[f32], b: &[f32], y: &mut [f32], f: impl Fn(f32, f32) -> f32 + Sync) {
+    y.par_chunks_mut(4096)
+        .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))
+        .for_each(|(yc, (ac, bc))| {
+            for ((y, &a), &b) in yc.iter_mut().zip(ac).zip(bc) {
+                *y = f(a, b);
+            }
+        });
+}

@@ -1,0 +1,183 @@
+//! Row-wise and element-wise training ops, each forward beside its backward:
+//! RMSNorm, RoPE, gated activations, dropout. Slices are row-major; rows are
+//! processed in parallel.
+
+use crate::model::{Activation, Rope, RopeKind};
+use rayon::prelude::*;
+
+/// Rows per parallel task.
+const ROWS: usize = 16;
+
+/// `y = x / √(mean(x²) + eps) · w` over each group of `w.len()` values.
+pub fn rms_norm_forward(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
+    let n = w.len();
+    y.par_chunks_mut(n * ROWS)
+        .zip(x.par_chunks(n * ROWS))
+        .for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_exact_mut(n).zip(xc.chunks_exact(n)) {
+                let inv = inv_rms(xr, eps);
+                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = v * inv * g;
+                }
+            }
+        });
+}
+
+fn inv_rms(x: &[f32], eps: f32) -> f32 {
+    let ss: f32 = x.iter().map(|&v| v * v).sum();
+    1.0 / (ss / x.len() as f32 + eps).sqrt()
+}
+
+/// `dx` of [`rms_norm_forward`]: with `r = 1/√(mean(x²)+eps)` and
+/// `g = w ⊙ dy`, `dx = r·g − x · r³ · mean(g ⊙ x)`.
+pub fn rms_norm_backward(x: &[f32], dy: &[f32], w: &[f32], eps: f32, dx: &mut [f32]) {
+    let n = w.len();
+    dx.par_chunks_mut(n * ROWS)
+        .zip(x.par_chunks(n * ROWS).zip(dy.par_chunks(n * ROWS)))
+        .for_each(|(dc, (xc, gc))| {
+            for ((d, xr), gr) in dc.chunks_exact_mut(n).zip(xc.chunks_exact(n)).zip(gc.chunks_exact(n)) {
+                let r = inv_rms(xr, eps);
+                let dot: f32 = xr.iter().zip(gr).zip(w).map(|((&a, &b), &c)| a * b * c).sum();
+                let k = r * r * r * dot / n as f32;
+                for (((o, &xv), &gv), &wv) in d.iter_mut().zip(xr).zip(gr).zip(w) {
+                    *o = r * gv * wv - xv * k;
+                }
+            }
+        });
+}
+
+/// cos/sin of every (position, pair) of a RoPE, computed in f64 exactly as
+/// the inference path does: `table[pos · dims/2 + i]`.
+pub fn rope_table(r: &Rope, max_pos: usize) -> Vec<(f32, f32)> {
+    let half = r.dims / 2;
+    let mut t = Vec::with_capacity(max_pos * half);
+    for pos in 0..max_pos {
+        for i in 0..half {
+            let f = (r.base as f64).powf(-2.0 * i as f64 / r.dims as f64);
+            let (sin, cos) = (pos as f64 * f).sin_cos();
+            t.push((cos as f32, sin as f32));
+        }
+    }
+    t
+}
+
+/// RoPE of `x (N, heads·head_dim)` at `positions`, rotating by `+θ`
+/// (`sign = 1`, forward) or `−θ` (`sign = −1`, the backward: the transpose
+/// of a rotation is the opposite rotation).
+pub fn rope_apply(
+    x: &[f32],
+    positions: &[u32],
+    head_dim: usize,
+    r: &Rope,
+    table: &[(f32, f32)],
+    sign: f32,
+    y: &mut [f32],
+) {
+    let row = x.len() / positions.len();
+    let half = r.dims / 2;
+    y.par_chunks_mut(row)
+        .zip(x.par_chunks(row))
+        .zip(positions.par_iter())
+        .for_each(|((yr, xr), &pos)| {
+            yr.copy_from_slice(xr);
+            let cs = &table[pos as usize * half..(pos as usize + 1) * half];
+            for head in yr.chunks_exact_mut(head_dim) {
+                for (i, &(cos, sin)) in cs.iter().enumerate() {
+                    let sin = sin * sign;
+                    let (a, b) = match r.kind {
+                        RopeKind::Adjacent => (2 * i, 2 * i + 1),
+                        RopeKind::Halves => (i, i + half),
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * cos - x1 * sin;
+                    head[b] = x0 * sin + x1 * cos;
+                }
+            }
+        });
+}
+
+const GELU_K: f32 = 0.797_884_6; // √(2/π)
+const GELU_C: f32 = 0.044_715;
+
+/// `(act(g), act'(g))`.
+fn act_and_slope(act: Activation, g: f32) -> (f32, f32) {
+    match act {
+        Activation::Silu => {
+            let s = 1.0 / (1.0 + (-g).exp());
+            (g * s, s * (1.0 + g * (1.0 - s)))
+        }
+        Activation::GeluTanh => {
+            let t = (GELU_K * (g + GELU_C * g * g * g)).tanh();
+            let d = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * g * g);
+            (0.5 * g * (1.0 + t), d)
+        }
+    }
+}
+
+/// `h = act(g) · u`.
+pub fn gated_forward(g: &[f32], u: &[f32], act: Activation, h: &mut [f32]) {
+    h.par_chunks_mut(4096)
+        .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+        .for_each(|(hc, (gc, uc))| {
+            for ((o, &gv), &uv) in hc.iter_mut().zip(gc).zip(uc) {
+                *o = act_and_slope(act, gv).0 * uv;
+            }
+        });
+}
+
+/// `dg = dh · u · act'(g)`, `du = dh · act(g)`.
+pub fn gated_backward(g: &[f32], u: &[f32], dh: &[f32], act: Activation, dg: &mut [f32], du: &mut [f32]) {
+    dg.par_chunks_mut(4096)
+        .zip(du.par_chunks_mut(4096))
+        .zip(g.par_chunks(4096).zip(u.par_chunks(4096)).zip(dh.par_chunks(4096)))
+        .for_each(|((dgc, duc), ((gc, uc), hc))| {
+            for i in 0..dgc.len() {
+                let (a, slope) = act_and_slope(act, gc[i]);
+                dgc[i] = hc[i] * uc[i] * slope;
+                duc[i] = hc[i] * a;
+            }
+        });
+}
+
+/// A uniform number in [0, 1) from (seed, site, index): SplitMix64, so a
+/// mask is reproduced exactly in the backward pass and after a resume.
+fn mask_uniform(seed: u64, site: u32, index: usize) -> f32 {
+    let mut z = seed ^ ((site as u64) << 40) ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    (z >> 40) as f32 / (1u64 << 24) as f32
+}
+
+/// Inverted dropout: `y = x / (1 − p)` where the mask keeps, else 0. Linear
+/// in `x`, so the same call maps `dy` to `dx`.
+pub fn dropout(x: &[f32], p: f32, seed: u64, site: u32, y: &mut [f32]) {
+    let keep = 1.0 / (1.0 - p);
+    y.par_chunks_mut(4096)
+        .zip(x.par_chunks(4096))
+        .enumerate()
+        .for_each(|(c, (yc, xc))| {
+            for (i, (o, &v)) in yc.iter_mut().zip(xc).enumerate() {
+                let u = mask_uniform(seed, site, c * 4096 + i);
+                *o = if u < p { 0.0 } else { v * keep };
+            }
+        });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dropout_drops_about_p_and_scales_the_rest() {
+        let x = vec![1.0f32; 100_000];
+        let mut y = vec![0.0; x.len()];
+        dropout(&x, 0.25, 7, 3, &mut y);
+        let zeros = y.iter().filter(|&&v| v == 0.0).count() as f32 / x.len() as f32;
+        assert!((zeros - 0.25).abs() < 0.01, "{zeros}");
+        assert!(y.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+        let mut y2 = vec![0.0; x.len()];
+        dropout(&x, 0.25, 8, 3, &mut y2);
+        assert_ne!(y, y2, "another seed draws another mask");
+    }
+}

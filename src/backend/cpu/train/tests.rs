@@ -1,0 +1,328 @@
+//! Finite-difference checks of every backward rule, and of the LoRA
+//! gradients of whole tiny models.
+
+use super::attention::{AttnSaved, Rows, attention_backward, attention_forward};
+use super::loss::loss_head;
+use super::ops::*;
+use super::CpuStep;
+use crate::backend::cpu::matmul::QMatrix;
+use crate::graph::{AttnGeom, DecoderGraph, MemoryPlan, StepInputs, autodiff, plan};
+use crate::model::tiny::{Cfg, values, write_model};
+use crate::model::{Activation, Model, Rope, RopeKind};
+use crate::peft::Method;
+use crate::peft::lora::{Lora, LoraConfig};
+use crate::quant::GgmlType;
+use std::collections::BTreeSet;
+
+/// Check `analytic` against central differences of the scalar `f` at `x`,
+/// on every element (or every `stride`-th).
+fn check_grad(name: &str, x: &[f32], analytic: &[f32], stride: usize, f: &mut dyn FnMut(&[f32]) -> f64) {
+    let eps = 1e-2f32;
+    let mut worst = 0.0f64;
+    for i in (0..x.len()).step_by(stride) {
+        let mut xp = x.to_vec();
+        xp[i] += eps;
+        let lp = f(&xp);
+        xp[i] -= 2.0 * eps;
+        let lm = f(&xp);
+        let num = (lp - lm) / (2.0 * eps as f64);
+        let err = (num - analytic[i] as f64).abs() / (num.abs().max(analytic[i].abs() as f64) + 1e-2);
+        worst = worst.max(err);
+        assert!(err < 2e-2, "{name}[{i}]: analytic {} vs numeric {num}", analytic[i]);
+    }
+    assert!(worst.is_finite(), "{name}: no elements checked");
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f64 {
+    a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+}
+
+#[test]
+fn rms_norm_backward_matches_finite_differences() {
+    let (rows, n) = (3, 8);
+    let x = values(1, rows * n, 1.0);
+    let w = values(2, n, 1.0);
+    let r = values(3, rows * n, 1.0);
+    let mut dx = vec![0.0; x.len()];
+    rms_norm_backward(&x, &r, &w, 1e-6, &mut dx);
+    check_grad("rms_norm", &x, &dx, 1, &mut |x| {
+        let mut y = vec![0.0; x.len()];
+        rms_norm_forward(x, &w, 1e-6, &mut y);
+        dot(&y, &r)
+    });
+}
+
+#[test]
+fn rope_backward_matches_finite_differences() {
+    for kind in [RopeKind::Adjacent, RopeKind::Halves] {
+        let rope = Rope {
+            kind,
+            base: 10000.0,
+            dims: 8,
+        };
+        let (n, head_dim) = (4, 8);
+        let table = rope_table(&rope, 16);
+        let pos = [0u32, 5, 3, 15];
+        let x = values(4, n * 2 * head_dim, 1.0);
+        let r = values(5, x.len(), 1.0);
+        let mut dx = vec![0.0; x.len()];
+        rope_apply(&r, &pos, head_dim, &rope, &table, -1.0, &mut dx);
+        check_grad("rope", &x, &dx, 1, &mut |x| {
+            let mut y = vec![0.0; x.len()];
+            rope_apply(x, &pos, head_dim, &rope, &table, 1.0, &mut y);
+            dot(&y, &r)
+        });
+    }
+}
+
+#[test]
+fn gated_backward_matches_finite_differences() {
+    for act in [Activation::Silu, Activation::GeluTanh] {
+        let g = values(6, 40, 3.0);
+        let u = values(7, 40, 1.0);
+        let r = values(8, 40, 1.0);
+        let (mut dg, mut du) = (vec![0.0; 40], vec![0.0; 40]);
+        gated_backward(&g, &u, &r, act, &mut dg, &mut du);
+        let f = |g: &[f32], u: &[f32]| {
+            let mut h = vec![0.0; 40];
+            gated_forward(g, u, act, &mut h);
+            dot(&h, &r)
+        };
+        check_grad("gated.g", &g, &dg, 1, &mut |x| f(x, &u));
+        check_grad("gated.u", &u, &du, 1, &mut |x| f(&g, x));
+    }
+}
+
+#[test]
+fn dropout_is_its_own_backward() {
+    let x = values(9, 64, 1.0);
+    let r = values(10, 64, 1.0);
+    let mut dx = vec![0.0; 64];
+    dropout(&r, 0.3, 11, 2, &mut dx);
+    check_grad("dropout", &x, &dx, 1, &mut |x| {
+        let mut y = vec![0.0; 64];
+        dropout(x, 0.3, 11, 2, &mut y);
+        dot(&y, &r)
+    });
+}
+
+#[test]
+fn attention_backward_matches_finite_differences() {
+    // Two sequences of 6; the second packs two examples (starting at 0 and 2).
+    let seg: Vec<u32> = [0, 0, 0, 0, 0, 0, 0, 0, 2, 2, 2, 2].to_vec();
+    let rows = Rows {
+        batch: 2,
+        seq: 6,
+        seg_start: &seg,
+    };
+    for window in [None, Some(3)] {
+        let geom = AttnGeom {
+            n_head: 4,
+            n_kv_head: 2,
+            head_dim: 4,
+            scale: 0.5,
+            window,
+        };
+        let n = 12;
+        let q = values(12, n * 16, 1.0);
+        let k = values(13, n * 8, 1.0);
+        let v = values(14, n * 8, 1.0);
+        let r = values(15, n * 16, 1.0);
+        let mut o = vec![0.0; n * 16];
+        let mut lse = vec![0.0; n * 4];
+        attention_forward(&q, &k, &v, &rows, &geom, &mut o, &mut lse);
+        let saved = AttnSaved {
+            q: &q,
+            k: &k,
+            v: &v,
+            o: &o,
+            lse: &lse,
+        };
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        attention_backward(&saved, &r, &rows, &geom, &mut dq, &mut dk, &mut dv);
+        let f = |q: &[f32], k: &[f32], v: &[f32]| {
+            let mut o = vec![0.0; n * 16];
+            let mut lse = vec![0.0; n * 4];
+            attention_forward(q, k, v, &rows, &geom, &mut o, &mut lse);
+            dot(&o, &r)
+        };
+        check_grad("attention.q", &q, &dq, 1, &mut |x| f(x, &k, &v));
+        check_grad("attention.k", &k, &dk, 1, &mut |x| f(&q, x, &v));
+        check_grad("attention.v", &v, &dv, 1, &mut |x| f(&q, &k, x));
+        // The masks hold: token 2 of sequence 1 starts a new example and
+        // sees only itself, so its output is its own value rows.
+        let t = 6 + 2;
+        for h in 0..4 {
+            let kvh = h / 2;
+            assert_eq!(&o[t * 16 + h * 4..t * 16 + h * 4 + 4], &v[t * 8 + kvh * 4..t * 8 + kvh * 4 + 4]);
+        }
+    }
+}
+
+#[test]
+fn loss_head_gradient_matches_finite_differences() {
+    let (n, c, vocab) = (5, 8, 11);
+    let w = values(16, vocab * c, 1.0);
+    let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+    let m = QMatrix::new(GgmlType::F32, vocab, c, &bytes).unwrap();
+    let h = values(17, n * c, 1.0);
+    let targets = [3u32, u32::MAX, 10, 0, 7];
+    let mut logits = vec![0.0; 2 * vocab];
+    let mut dx = vec![0.0; n * c];
+    let (sum, count) = loss_head(&h, &m, &targets, 0.25, 2, &mut logits, &mut dx);
+    assert_eq!(count, 4);
+    assert!(sum > 0.0);
+    // Row 1 has no target: no gradient.
+    assert!(dx[c..2 * c].iter().all(|&v| v == 0.0));
+    check_grad("loss_head", &h, &dx, 1, &mut |x| {
+        let mut lg = vec![0.0; 2 * vocab];
+        let mut d = vec![0.0; n * c];
+        0.25 * loss_head(x, &m, &targets, 0.25, 2, &mut lg, &mut d).0
+    });
+}
+
+/// A packed batch of two sequences of 8: row 0 one example, row 1 two.
+struct TinyBatch {
+    tokens: Vec<u32>,
+    targets: Vec<u32>,
+    positions: Vec<u32>,
+    seg_start: Vec<u32>,
+}
+
+fn tiny_batch(vocab: u32) -> TinyBatch {
+    let tokens: Vec<u32> = (0..16).map(|i| (i * 7 + 3) % vocab).collect();
+    let seg_start: Vec<u32> = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 5, 5].to_vec();
+    let positions: Vec<u32> = (0..16).map(|i| (i % 8) - seg_start[i as usize]).collect();
+    let mut targets = vec![u32::MAX; 16];
+    for i in 0..16 {
+        // Predict the next token of the same example; token 1's target is
+        // masked, as a prompt token would be.
+        if i % 8 != 7 && seg_start[i + 1] == seg_start[i] && i != 1 {
+            targets[i] = tokens[i + 1];
+        }
+    }
+    TinyBatch {
+        tokens,
+        targets,
+        positions,
+        seg_start,
+    }
+}
+
+fn inputs(b: &TinyBatch, loss_scale: f32) -> StepInputs<'_> {
+    StepInputs {
+        tokens: &b.tokens,
+        targets: &b.targets,
+        positions: &b.positions,
+        seg_start: &b.seg_start,
+        loss_scale,
+        seed: 5,
+    }
+}
+
+/// The whole model's LoRA gradients against finite differences of its loss.
+fn check_model(cfg: Cfg, dropout: f32) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_model(&cfg, &path);
+    let model = Model::open(&path).unwrap();
+    let spec = model.spec();
+    let lora_cfg = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout,
+        ..LoraConfig::default()
+    };
+    let lora = Lora::new(lora_cfg, spec.layers.len()).unwrap();
+    let mut g = DecoderGraph::build(spec, 2, 8, &lora);
+    autodiff::differentiate(&mut g).unwrap();
+    let mut params = lora.init(&g, 3);
+    // B starts at zero; give it values so that A's gradients are not zero.
+    for (p, v) in g.params.iter().zip(params.iter_mut()) {
+        if p.name.ends_with("lora_b") {
+            *v = values(p.tensor as u64, v.len(), 0.3);
+        }
+    }
+    let batch = tiny_batch(cfg.n_vocab as u32);
+    let plan = MemoryPlan::new(&g);
+    let mut step = CpuStep::new(&model, g.clone(), plan, 2).unwrap();
+    let (_, count) = step.run(&inputs(&batch, 1.0), &params).unwrap();
+    let scale = 1.0 / count as f32;
+    step.run(&inputs(&batch, scale), &params).unwrap();
+    let grads: Vec<Vec<f32>> = (0..g.params.len()).map(|i| step.grad(i).to_vec()).collect();
+    assert!(grads.iter().flatten().any(|&v| v != 0.0));
+    // Check a sample of parameters: the first and last layer's A and B of
+    // several targets, every 3rd element.
+    let mut fwd = CpuStep::new(&model, g.clone(), MemoryPlan::new(&g), 2).unwrap();
+    let n = g.params.len();
+    for pi in [0, 1, 4, 7, 12, n - 3, n - 2, n - 1] {
+        let name = g.params[pi].name.clone();
+        let mut ps = params.clone();
+        check_grad(&name, &params[pi], &grads[pi], 3, &mut |x| {
+            ps[pi].copy_from_slice(x);
+            let (sum, _) = fwd.run(&inputs(&batch, scale), &ps).unwrap();
+            sum * scale as f64
+        });
+    }
+    // Recomputing every layer gives the same gradients with a smaller arena.
+    let all: BTreeSet<usize> = (0..spec.layers.len()).collect();
+    let rg = plan::recompute_layers(&g, &all);
+    let rplan = MemoryPlan::new(&rg);
+    let full = MemoryPlan::new(&g);
+    assert!(rplan.arena_len < full.arena_len, "{} vs {}", rplan.arena_len, full.arena_len);
+    let mut rstep = CpuStep::new(&model, rg, rplan, 2).unwrap();
+    rstep.run(&inputs(&batch, scale), &params).unwrap();
+    for (i, gr) in grads.iter().enumerate() {
+        assert_eq!(rstep.grad(i), gr.as_slice(), "{}", g.params[i].name);
+    }
+}
+
+#[test]
+fn tiny_llama_lora_gradients_match_finite_differences() {
+    check_model(Cfg::llama(GgmlType::F32, 2), 0.0);
+}
+
+#[test]
+fn tiny_gemma3_lora_gradients_match_finite_differences_with_dropout() {
+    let mut cfg = Cfg::gemma3(GgmlType::F32, 3);
+    cfg.n_layer = 2;
+    check_model(cfg, 0.1);
+}
+
+#[test]
+fn graph_loss_equals_the_inference_path() {
+    // With B = 0 the adapted model is the base: the training graph's loss
+    // must equal the NLL of the (reference-checked) inference path.
+    use crate::backend::{Decoder, cpu::CpuDecoder};
+    for cfg in [Cfg::llama(GgmlType::Q8_0, 2), Cfg::gemma3(GgmlType::Q4_0, 3)] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_model(&cfg, &path);
+        let model = Model::open(&path).unwrap();
+        let lora = Lora::new(LoraConfig::default(), model.spec().layers.len()).unwrap();
+        let mut g = DecoderGraph::build(model.spec(), 1, 8, &lora);
+        autodiff::differentiate(&mut g).unwrap();
+        let params = lora.init(&g, 1);
+        let tokens: Vec<u32> = (0..8).map(|i| (i * 5 + 1) % cfg.n_vocab as u32).collect();
+        let mut targets: Vec<u32> = tokens[1..].to_vec();
+        targets.push(u32::MAX);
+        let positions: Vec<u32> = (0..8).collect();
+        let seg = vec![0u32; 8];
+        let inp = StepInputs {
+            tokens: &tokens,
+            targets: &targets,
+            positions: &positions,
+            seg_start: &seg,
+            loss_scale: 1.0,
+            seed: 0,
+        };
+        let mut step = CpuStep::new(&model, g.clone(), MemoryPlan::new(&g), 2).unwrap();
+        let (sum, count) = step.run(&inp, &params).unwrap();
+        assert_eq!(count, 7);
+        let dec = CpuDecoder::new(&model).unwrap();
+        let mut s = dec.session(8).unwrap();
+        let nll = s.forward_nll(&tokens[..7], &targets[..7]).unwrap();
+        let want: f64 = nll.iter().sum();
+        assert!((sum - want).abs() < 1e-3 * want.abs(), "{sum} vs {want} ({})", cfg.arch);
+    }
+}

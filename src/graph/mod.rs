@@ -1,0 +1,333 @@
+//! The training graph: a small op IR over 2-D f32 tensors with static shapes.
+//!
+//! A [`Graph`] is built once per (batch, sequence) shape by [`build`] from a
+//! [`DecoderSpec`](crate::model::DecoderSpec) and a PEFT method; [`autodiff`]
+//! appends backward nodes only where a trainable parameter is upstream of
+//! the loss; [`plan`] gives every intermediate a slot in one arena by
+//! liveness (optionally recomputing layers instead of keeping them) and
+//! reports the peak before anything runs. Backends execute the nodes in
+//! order. Frozen base weights are only ever referenced ([`Graph::frozen`]):
+//! no node produces a gradient for them.
+//!
+//! Token ids, targets, positions and segment starts are not tensors: they
+//! are the step's inputs ([`StepInputs`]) read by `Embed`, `Rope`,
+//! `Attention` and `LossHead`.
+
+pub mod autodiff;
+pub mod build;
+pub mod plan;
+
+pub use build::{DecoderGraph, GraphHook, LinearSite, Target};
+pub use plan::{MemoryPlan, PlanOptions};
+
+use crate::model::{Activation, Rope, Weight};
+
+/// Index of a tensor in [`Graph::tensors`].
+pub type TensorId = usize;
+
+/// A row-major `rows × cols` f32 tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shape {
+    /// Rows (usually tokens).
+    pub rows: usize,
+    /// Columns (features).
+    pub cols: usize,
+}
+
+impl Shape {
+    /// A `rows × cols` shape.
+    pub fn new(rows: usize, cols: usize) -> Shape {
+        Shape { rows, cols }
+    }
+
+    /// Number of elements.
+    pub fn numel(self) -> usize {
+        self.rows * self.cols
+    }
+}
+
+/// What a tensor is, which decides where it lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorKind {
+    /// An intermediate value in the arena, alive from its producer to its
+    /// last consumer.
+    Activation,
+    /// Trainable parameter `i` of [`Graph::params`], held by the trainer.
+    Param(usize),
+    /// A result read after the step (the loss, parameter gradients): in the
+    /// arena, alive until the end.
+    Output,
+}
+
+/// One tensor of the graph.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    /// Shape.
+    pub shape: Shape,
+    /// Where it lives.
+    pub kind: TensorKind,
+    /// Name for plans and error messages.
+    pub name: String,
+}
+
+/// A trainable parameter tensor.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Param {
+    /// Stable name, used in checkpoints and adapter files.
+    pub name: String,
+    /// Shape.
+    pub shape: Shape,
+    /// The tensor holding it.
+    pub tensor: TensorId,
+}
+
+/// Index into [`Graph::frozen`].
+pub type FrozenId = usize;
+
+/// Attention geometry shared by the forward and backward ops.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnGeom {
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads.
+    pub n_kv_head: usize,
+    /// Dimension of a head.
+    pub head_dim: usize,
+    /// Score scale.
+    pub scale: f32,
+    /// Sliding window in positions (`i − j < window`), `None` for full.
+    pub window: Option<usize>,
+}
+
+/// The operations. Each lists its inputs → outputs; `N` is batch × seq
+/// tokens, `C` the hidden size.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    /// tokens → `x (N, C)`: rows of the frozen table `w`, times `scale`.
+    Embed { w: FrozenId, scale: f32 },
+    /// `x (N, k·n)` → `y`: RMSNorm over each group of `n = len(w)` values.
+    RmsNorm { w: FrozenId, eps: f32 },
+    /// `x (N, in)` → `y = x·Wᵀ (N, out)` with the frozen quantized `W`.
+    Linear { w: FrozenId },
+    /// `x (N, k)`, `p (m, k)` → `y = x·pᵀ (N, m)`.
+    MatmulT,
+    /// `a`, `b` → `a + s·b`.
+    AddScaled { s: f32 },
+    /// `a`, `b` → `a + b`.
+    Add,
+    /// `x` → `s·x`.
+    Scale { s: f32 },
+    /// `x (N, heads·head_dim)` → RoPE at each token's position.
+    Rope { rope: Rope, head_dim: usize },
+    /// `q (N, H·d)`, `k`, `v (N, Hkv·d)` → `o (N, H·d)`, `lse (N, H)`:
+    /// causal attention within each token's segment.
+    Attention(AttnGeom),
+    /// `g`, `u` → `act(g)·u`.
+    Gated { act: Activation },
+    /// Inverted dropout with keep mask drawn from (step seed, `site`, index);
+    /// the same op with the same site is its own backward.
+    Dropout { p: f32, site: u32 },
+    /// `x (N, C)` → `loss (1, 2)` = (Σ NLL over targets, target count) and
+    /// `dx (N, C)` = ∂(loss_scale · Σ NLL)/∂x, through the frozen output
+    /// matrix `w`, computed in chunks so the `(N, vocab)` logits never exist.
+    LossHead { w: FrozenId },
+    /// `dy (N, out)` → `dx = dy·W (N, in)` through the frozen quantized `W`.
+    LinearBackX { w: FrozenId },
+    /// `dy (N, m)`, `p (m, k)` → `dx = dy·p (N, k)`.
+    MatmulNN,
+    /// `dy (N, m)`, `x (N, k)` → `dp = dyᵀ·x (m, k)`.
+    MatmulTN,
+    /// `x`, `dy` → `dx` of [`Op::RmsNorm`].
+    RmsNormBack { w: FrozenId, eps: f32 },
+    /// `dy` → `dx` of [`Op::Rope`] (rotation by the opposite angle).
+    RopeBack { rope: Rope, head_dim: usize },
+    /// `q, k, v, o, lse, do` → `dq, dk, dv`, recomputing scores block by
+    /// block (no seq × seq matrix is kept).
+    AttentionBack(AttnGeom),
+    /// `g, u, dh` → `dg, du` of [`Op::Gated`].
+    GatedBack { act: Activation },
+}
+
+impl Op {
+    /// Short name for profiles and plans.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Embed { .. } => "embed",
+            Op::RmsNorm { .. } => "rms_norm",
+            Op::Linear { .. } => "linear",
+            Op::MatmulT => "matmul_t",
+            Op::AddScaled { .. } => "add_scaled",
+            Op::Add => "add",
+            Op::Scale { .. } => "scale",
+            Op::Rope { .. } => "rope",
+            Op::Attention(_) => "attention",
+            Op::Gated { .. } => "gated",
+            Op::Dropout { .. } => "dropout",
+            Op::LossHead { .. } => "loss_head",
+            Op::LinearBackX { .. } => "linear_back_x",
+            Op::MatmulNN => "matmul_nn",
+            Op::MatmulTN => "matmul_tn",
+            Op::RmsNormBack { .. } => "rms_norm_back",
+            Op::RopeBack { .. } => "rope_back",
+            Op::AttentionBack(_) => "attention_back",
+            Op::GatedBack { .. } => "gated_back",
+        }
+    }
+}
+
+/// Which part of the step a node belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// The forward pass.
+    Forward,
+    /// A layer's forward ops run again just before its backward
+    /// (gradient checkpointing).
+    Recompute,
+    /// The backward pass.
+    Backward,
+}
+
+/// One operation applied to tensors.
+#[derive(Debug, Clone)]
+pub struct Node {
+    /// What it computes.
+    pub op: Op,
+    /// Tensors read.
+    pub inputs: Vec<TensorId>,
+    /// Tensors written (fresh, never aliased with inputs).
+    pub outputs: Vec<TensorId>,
+    /// The decoder layer it belongs to (`None`: embedding and loss).
+    pub layer: Option<usize>,
+    /// Forward, recompute or backward.
+    pub phase: Phase,
+}
+
+/// The step's integer inputs, each of length `batch × seq`, row-major by
+/// sequence (see [`crate::data::Batch`]).
+#[derive(Debug, Clone, Copy)]
+pub struct StepInputs<'a> {
+    /// Input token ids.
+    pub tokens: &'a [u32],
+    /// Token to predict at each position, or `u32::MAX` for none.
+    pub targets: &'a [u32],
+    /// Position of each token within its example (RoPE, windows).
+    pub positions: &'a [u32],
+    /// Index in its row of the first token of each token's example: a
+    /// query sees keys `seg_start..=t` only.
+    pub seg_start: &'a [u32],
+    /// Multiplier of the summed NLL in the gradient (1 / target tokens of
+    /// the whole optimizer step, for a mean).
+    pub loss_scale: f32,
+    /// Seed of this micro-step's dropout masks.
+    pub seed: u64,
+}
+
+/// A graph of ops over tensors.
+#[derive(Debug, Clone, Default)]
+pub struct Graph {
+    /// Sequences per step.
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Every tensor.
+    pub tensors: Vec<Tensor>,
+    /// Every node, in execution order.
+    pub nodes: Vec<Node>,
+    /// Frozen base weights the ops read.
+    pub frozen: Vec<Weight>,
+    /// Trainable parameters.
+    pub params: Vec<Param>,
+    /// The `(1, 2)` loss tensor, once built.
+    pub loss: Option<TensorId>,
+    /// The gradient tensor of each parameter, after [`autodiff`].
+    pub param_grads: Vec<Option<TensorId>>,
+    /// Layer outputs (the residual stream between blocks): kept, never
+    /// recomputed, when layers are recomputed.
+    pub checkpoints: Vec<TensorId>,
+}
+
+impl Graph {
+    /// An empty graph for `batch` sequences of `seq` tokens.
+    pub fn new(batch: usize, seq: usize) -> Graph {
+        Graph {
+            batch,
+            seq,
+            ..Graph::default()
+        }
+    }
+
+    /// Tokens per step.
+    pub fn n_tokens(&self) -> usize {
+        self.batch * self.seq
+    }
+
+    /// Register a frozen weight (once per name) and return its id.
+    pub fn frozen(&mut self, w: &Weight) -> FrozenId {
+        if let Some(i) = self.frozen.iter().position(|f| f.name == w.name) {
+            return i;
+        }
+        self.frozen.push(w.clone());
+        self.frozen.len() - 1
+    }
+
+    /// A new tensor.
+    pub fn tensor(&mut self, name: impl Into<String>, shape: Shape, kind: TensorKind) -> TensorId {
+        self.tensors.push(Tensor {
+            shape,
+            kind,
+            name: name.into(),
+        });
+        self.tensors.len() - 1
+    }
+
+    /// A new trainable parameter.
+    pub fn param(&mut self, name: impl Into<String>, shape: Shape) -> TensorId {
+        let name = name.into();
+        let index = self.params.len();
+        let t = self.tensor(name.clone(), shape, TensorKind::Param(index));
+        self.params.push(Param {
+            name,
+            shape,
+            tensor: t,
+        });
+        t
+    }
+
+    /// Append a node whose outputs have the given names and shapes.
+    pub fn push(
+        &mut self,
+        op: Op,
+        inputs: &[TensorId],
+        outputs: &[(&str, Shape)],
+        layer: Option<usize>,
+        phase: Phase,
+    ) -> Vec<TensorId> {
+        let outs: Vec<TensorId> = outputs
+            .iter()
+            .map(|&(n, s)| self.tensor(n, s, TensorKind::Activation))
+            .collect();
+        self.nodes.push(Node {
+            op,
+            inputs: inputs.to_vec(),
+            outputs: outs.clone(),
+            layer,
+            phase,
+        });
+        outs
+    }
+
+    /// Shape of tensor `t`.
+    pub fn shape(&self, t: TensorId) -> Shape {
+        self.tensors[t].shape
+    }
+
+    /// Count of nodes per phase: (forward, recompute, backward).
+    pub fn phase_counts(&self) -> (usize, usize, usize) {
+        let count = |p| self.nodes.iter().filter(|n| n.phase == p).count();
+        (
+            count(Phase::Forward),
+            count(Phase::Recompute),
+            count(Phase::Backward),
+        )
+    }
+}
