@@ -6,8 +6,8 @@ use edgetune::backend::cpu::{CpuDecoder, CpuOptions, Logits, MatvecMode};
 use edgetune::backend::gpu::{GpuContext, GpuDecoder, GpuOptions};
 use edgetune::backend::{Decoder, Pick, Session, argmax};
 use edgetune::gguf::{GgufWriter, Value};
-use edgetune::model::tiny::{Cfg, write_model};
 use edgetune::model::Model;
+use edgetune::model::tiny::{Cfg, write_model};
 use edgetune::quant::GgmlType;
 
 fn rms(x: &[f64], w: &[f32]) -> Vec<f64> {

@@ -34,7 +34,9 @@ pub fn differentiate(g: &mut Graph) -> Result<()> {
         .loss
         .ok_or_else(|| Error::Invalid("the graph has no loss to differentiate".into()))?;
     if g.params.is_empty() {
-        return Err(Error::Invalid("nothing to train: the graph has no parameters".into()));
+        return Err(Error::Invalid(
+            "nothing to train: the graph has no parameters".into(),
+        ));
     }
     let rg = requires_grad(g);
     if !rg[loss] {
@@ -144,7 +146,8 @@ pub fn differentiate(g: &mut Graph) -> Result<()> {
                         (name(g, 1), shape_of(g, 1)),
                         (name(g, 2), shape_of(g, 2)),
                     ];
-                    let outs: Vec<(&str, Shape)> = outs.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+                    let outs: Vec<(&str, Shape)> =
+                        outs.iter().map(|(n, s)| (n.as_str(), *s)).collect();
                     let d = emit(g, Op::AttentionBack(*geom), &[q, k, v, o, lse, dy], &outs);
                     for (i, &t) in d.iter().enumerate() {
                         if needs(i) {
@@ -156,7 +159,8 @@ pub fn differentiate(g: &mut Graph) -> Result<()> {
             Op::Gated { act } => {
                 if needs(0) || needs(1) {
                     let outs = [(name(g, 0), shape_of(g, 0)), (name(g, 1), shape_of(g, 1))];
-                    let outs: Vec<(&str, Shape)> = outs.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+                    let outs: Vec<(&str, Shape)> =
+                        outs.iter().map(|(n, s)| (n.as_str(), *s)).collect();
                     let op = Op::GatedBack { act: *act };
                     let d = emit(g, op, &[node.inputs[0], node.inputs[1], dy], &outs);
                     for (i, &t) in d.iter().enumerate() {
@@ -186,7 +190,10 @@ pub fn differentiate(g: &mut Graph) -> Result<()> {
             )));
         };
         if matches!(g.tensors[t].kind, TensorKind::Param(_)) {
-            return Err(Error::Invalid(format!("parameter {} is its own gradient", p.name)));
+            return Err(Error::Invalid(format!(
+                "parameter {} is its own gradient",
+                p.name
+            )));
         }
     }
     for t in g.param_grads.clone().into_iter().flatten() {
@@ -196,7 +203,13 @@ pub fn differentiate(g: &mut Graph) -> Result<()> {
 }
 
 /// Add `t` to the gradient of `x` (summing when `x` feeds several nodes).
-fn accumulate(g: &mut Graph, grad: &mut Vec<Option<TensorId>>, x: TensorId, t: TensorId, layer: Option<usize>) {
+fn accumulate(
+    g: &mut Graph,
+    grad: &mut Vec<Option<TensorId>>,
+    x: TensorId,
+    t: TensorId,
+    layer: Option<usize>,
+) {
     if grad.len() < g.tensors.len() {
         grad.resize(g.tensors.len(), None);
     }
@@ -205,7 +218,13 @@ fn accumulate(g: &mut Graph, grad: &mut Vec<Option<TensorId>>, x: TensorId, t: T
         Some(prev) => {
             let name = format!("d.{}", g.tensors[x].name);
             let shape = g.shape(x);
-            g.push(Op::Add, &[prev, t], &[(&name, shape)], layer, Phase::Backward)[0]
+            g.push(
+                Op::Add,
+                &[prev, t],
+                &[(&name, shape)],
+                layer,
+                Phase::Backward,
+            )[0]
         }
     });
 }

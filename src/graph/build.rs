@@ -8,7 +8,9 @@ use std::fmt;
 use std::str::FromStr;
 
 /// The linear projections of a block that adapters can wrap.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Target {
     /// Query projection.
@@ -76,9 +78,9 @@ impl FromStr for Target {
     type Err = Error;
     fn from_str(s: &str) -> Result<Target> {
         let s = s.trim();
-        let found = Target::ALL.into_iter().find(|t| {
-            t.name() == s || (s == "attn_o" && *t == Target::AttnO) || s == t.short()
-        });
+        let found = Target::ALL
+            .into_iter()
+            .find(|t| t.name() == s || (s == "attn_o" && *t == Target::AttnO) || s == t.short());
         found.ok_or_else(|| {
             Error::Invalid(format!(
                 "unknown target '{s}': expected one of attn_q, attn_k, attn_v, attn_o, \
@@ -154,7 +156,13 @@ impl DecoderGraph {
                 let w = t.weight(l);
                 let id = g.frozen(w);
                 let name = format!("blk.{li}.{}", t.name());
-                let y = g.push(Op::Linear { w: id }, &[x], &[(&name, Shape::new(n, w.rows))], at, fw)[0];
+                let y = g.push(
+                    Op::Linear { w: id },
+                    &[x],
+                    &[(&name, Shape::new(n, w.rows))],
+                    at,
+                    fw,
+                )[0];
                 let site = LinearSite {
                     layer: li,
                     target: t,
@@ -176,7 +184,13 @@ impl DecoderGraph {
                 rope: l.rope,
                 head_dim: spec.head_dim,
             };
-            let q = g.push(rope.clone(), &[q], &[("q_rope", Shape::new(n, q_dim))], at, fw)[0];
+            let q = g.push(
+                rope.clone(),
+                &[q],
+                &[("q_rope", Shape::new(n, q_dim))],
+                at,
+                fw,
+            )[0];
             let k = g.push(rope, &[k], &[("k_rope", Shape::new(n, kv_dim))], at, fw)[0];
             let geom = AttnGeom {
                 n_head: spec.n_head,
@@ -199,7 +213,13 @@ impl DecoderGraph {
             if let Some(w) = &l.post_attn_norm {
                 o = norm(&mut g, w, o, "post_attn_norm");
             }
-            let x_mid = g.push(Op::Add, &[x, o], &[("resid_attn", Shape::new(n, e))], at, fw)[0];
+            let x_mid = g.push(
+                Op::Add,
+                &[x, o],
+                &[("resid_attn", Shape::new(n, e))],
+                at,
+                fw,
+            )[0];
             let h = norm(&mut g, &l.ffn_norm, x_mid, "ffn_norm");
             let gate = linear(&mut g, Target::FfnGate, h);
             let up = linear(&mut g, Target::FfnUp, h);
@@ -216,12 +236,24 @@ impl DecoderGraph {
             if let Some(w) = &l.post_ffn_norm {
                 d = norm(&mut g, w, d, "post_ffn_norm");
             }
-            x = g.push(Op::Add, &[x_mid, d], &[("resid_ffn", Shape::new(n, e))], at, fw)[0];
+            x = g.push(
+                Op::Add,
+                &[x_mid, d],
+                &[("resid_ffn", Shape::new(n, e))],
+                at,
+                fw,
+            )[0];
             g.checkpoints.push(x);
         }
         let on = g.frozen(&spec.output_norm);
         let eps = spec.norm_eps;
-        let h = g.push(Op::RmsNorm { w: on, eps }, &[x], &[("output_norm", Shape::new(n, e))], None, fw)[0];
+        let h = g.push(
+            Op::RmsNorm { w: on, eps },
+            &[x],
+            &[("output_norm", Shape::new(n, e))],
+            None,
+            fw,
+        )[0];
         let out = g.frozen(&spec.output);
         let outs = g.push(
             Op::LossHead { w: out },

@@ -106,10 +106,11 @@ impl MemoryPlan {
                 last[t] = last[t].max(i);
             }
         }
-        let in_arena = |t: usize| def[t] != usize::MAX && !matches!(g.tensors[t].kind, TensorKind::Param(_));
-        for t in 0..nt {
+        let in_arena =
+            |t: usize| def[t] != usize::MAX && !matches!(g.tensors[t].kind, TensorKind::Param(_));
+        for (t, l) in last.iter_mut().enumerate() {
             if g.tensors[t].kind == TensorKind::Output {
-                last[t] = end;
+                *l = end;
             }
         }
         let mut dies_at: Vec<Vec<TensorId>> = vec![Vec::new(); end + 1];

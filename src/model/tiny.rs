@@ -126,7 +126,8 @@ pub fn write_model(c: &Cfg, path: &Path) -> std::collections::HashMap<String, Ve
             v.iter_mut().for_each(|x| *x = base + 0.2 * *x);
         }
         let d64: Vec<u64> = dims.iter().map(|&d| d as u64).collect();
-        w.add_f32_tensor(name.clone(), &d64, ty, &v).expect("tiny model");
+        w.add_f32_tensor(name.clone(), &d64, ty, &v)
+            .expect("tiny model");
         // What a reader sees: decode row by row.
         let mut decoded = vec![0.0; n];
         let rb = ty.row_bytes(dims[0]).expect("tiny model");
@@ -173,4 +174,3 @@ pub fn write_model(c: &Cfg, path: &Path) -> std::collections::HashMap<String, Ve
     w.write_file(path).expect("tiny model");
     out
 }
-

@@ -68,10 +68,16 @@ impl LoraConfig {
             return Err(Error::Invalid("LoRA rank must be at least 1".into()));
         }
         if !self.alpha.is_finite() || self.alpha <= 0.0 {
-            return Err(Error::Invalid(format!("LoRA alpha must be positive, got {}", self.alpha)));
+            return Err(Error::Invalid(format!(
+                "LoRA alpha must be positive, got {}",
+                self.alpha
+            )));
         }
         if !(0.0..1.0).contains(&self.dropout) {
-            return Err(Error::Invalid(format!("LoRA dropout must be in [0, 1), got {}", self.dropout)));
+            return Err(Error::Invalid(format!(
+                "LoRA dropout must be in [0, 1), got {}",
+                self.dropout
+            )));
         }
         if self.targets.is_empty() {
             return Err(Error::Invalid("LoRA needs at least one target".into()));
@@ -84,7 +90,9 @@ impl LoraConfig {
             )));
         }
         if !self.lr_ratio_b.is_finite() || self.lr_ratio_b <= 0.0 {
-            return Err(Error::Invalid("the LoRA+ learning-rate ratio must be positive".into()));
+            return Err(Error::Invalid(
+                "the LoRA+ learning-rate ratio must be positive".into(),
+            ));
         }
         Ok(())
     }
@@ -142,10 +150,28 @@ impl GraphHook for Lora {
             };
             xin = g.push(op, &[x], &[("lora_dropout", g.shape(x))], at, fw)[0];
         }
-        let h = g.push(Op::MatmulT, &[xin, a], &[("lora_h", Shape::new(n, r))], at, fw)[0];
-        let z = g.push(Op::MatmulT, &[h, b], &[("lora_z", Shape::new(n, w.rows))], at, fw)[0];
+        let h = g.push(
+            Op::MatmulT,
+            &[xin, a],
+            &[("lora_h", Shape::new(n, r))],
+            at,
+            fw,
+        )[0];
+        let z = g.push(
+            Op::MatmulT,
+            &[h, b],
+            &[("lora_z", Shape::new(n, w.rows))],
+            at,
+            fw,
+        )[0];
         let s = self.config.scale();
-        g.push(Op::AddScaled { s }, &[y, z], &[("lora_y", Shape::new(n, w.rows))], at, fw)[0]
+        g.push(
+            Op::AddScaled { s },
+            &[y, z],
+            &[("lora_y", Shape::new(n, w.rows))],
+            at,
+            fw,
+        )[0]
     }
 }
 
@@ -163,7 +189,9 @@ impl Method for Lora {
                     // Kaiming-uniform with a = √5, as PyTorch's nn.Linear and
                     // PEFT: bound = 1/√fan_in.
                     let bound = 1.0 / (p.shape.cols as f32).sqrt();
-                    (0..p.shape.numel()).map(|_| rng.random_range(-bound..bound)).collect()
+                    (0..p.shape.numel())
+                        .map(|_| rng.random_range(-bound..bound))
+                        .collect()
                 } else {
                     vec![0.0; p.shape.numel()]
                 }
@@ -177,5 +205,90 @@ impl Method for Lora {
         } else {
             1.0
         }
+    }
+}
+
+/// A LoRA adapter loaded for inference: `out += s·(x·Aᵀ)·Bᵀ` after each
+/// adapted frozen linear, keyed by the base tensor's name.
+#[derive(Debug, Clone)]
+pub struct LoraWeights {
+    by_base: std::collections::HashMap<String, LoraDelta>,
+}
+
+#[derive(Debug, Clone)]
+struct LoraDelta {
+    rank: usize,
+    n_in: usize,
+    n_out: usize,
+    /// `(rank, n_in)`, pre-multiplied by the scale.
+    a: Vec<f32>,
+    /// `(n_out, rank)`.
+    b: Vec<f32>,
+}
+
+impl LoraWeights {
+    /// Take the pairs of `file`, each scaled by the file's scale times
+    /// `strength` (1 for the adapter as trained). `check_base` has verified
+    /// names and shapes against the base model.
+    pub fn new(file: &crate::export::gguf_lora::LoraFile, strength: f32) -> LoraWeights {
+        let s = file.scale() * strength;
+        let by_base = file
+            .pairs
+            .iter()
+            .map(|p| {
+                let delta = LoraDelta {
+                    rank: file.rank,
+                    n_in: p.n_in,
+                    n_out: p.n_out,
+                    a: p.a.iter().map(|v| v * s).collect(),
+                    b: p.b.clone(),
+                };
+                (p.base.clone(), delta)
+            })
+            .collect();
+        LoraWeights { by_base }
+    }
+
+    /// Number of adapted tensors.
+    pub fn len(&self) -> usize {
+        self.by_base.len()
+    }
+
+    /// Whether no tensor is adapted.
+    pub fn is_empty(&self) -> bool {
+        self.by_base.is_empty()
+    }
+
+    /// `out (n, n_out) += s·(x·Aᵀ)·Bᵀ` for `x (n, n_in)` when `base` is adapted.
+    pub fn apply(&self, base: &str, x: &[f32], out: &mut [f32]) {
+        use crate::backend::cpu::gemm::{Operand, matmul_into};
+        let Some(d) = self.by_base.get(base) else {
+            return;
+        };
+        let n = x.len() / d.n_in;
+        let mut h = vec![0.0; n * d.rank];
+        matmul_into(
+            n,
+            d.rank,
+            d.n_in,
+            Operand::new(x, d.n_in),
+            Operand::new(&d.a, d.n_in).t(),
+            &mut h,
+            d.rank,
+            false,
+            1,
+        );
+        let b = Operand::new(&d.b, d.rank).t();
+        matmul_into(
+            n,
+            d.n_out,
+            d.rank,
+            Operand::new(&h, d.rank),
+            b,
+            out,
+            d.n_out,
+            true,
+            1,
+        );
     }
 }

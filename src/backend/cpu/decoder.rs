@@ -76,6 +76,7 @@ pub struct CpuDecoder<'m> {
     norms: Vec<LayerNorms>,
     output_norm: Vec<f32>,
     matvec: MatvecMode,
+    adapters: Vec<std::sync::Arc<crate::peft::lora::LoraWeights>>,
     /// The decoder's own workers. A whole pass runs inside `pool.install`
     /// (one hand-off per pass), so the hundreds of small parallel loops of a
     /// single-token step are forked from a worker and do not each inject a job
@@ -132,6 +133,7 @@ impl<'m> CpuDecoder<'m> {
             norms,
             output_norm,
             matvec: options.matvec,
+            adapters: Vec::new(),
             pool: thread_pool(options.threads)?,
         })
     }
@@ -153,6 +155,15 @@ impl<'m> CpuDecoder<'m> {
 
     fn matmul(&self, x: &[f32], w: &'m Weight, out: &mut [f32]) {
         matmul_with(x, &self.qmatrix(w), out, self.matvec);
+        for a in &self.adapters {
+            a.apply(&w.name, x, out);
+        }
+    }
+
+    /// Add a LoRA adapter to every pass (adapters stack, each with the
+    /// strength it was loaded with).
+    pub fn add_adapter(&mut self, adapter: std::sync::Arc<crate::peft::lora::LoraWeights>) {
+        self.adapters.push(adapter);
     }
 
     /// The model's description.

@@ -139,7 +139,10 @@ impl<'a> Operand<'a> {
             return;
         }
         let (r, c) = if self.t { (cols, rows) } else { (rows, cols) };
-        assert!(self.data.len() >= extent(r, c, self.ld, what), "matmul_into: {what} too short");
+        assert!(
+            self.data.len() >= extent(r, c, self.ld, what),
+            "matmul_into: {what} too short"
+        );
     }
 }
 
@@ -162,7 +165,10 @@ pub fn matmul_into(
     }
     a.check(m, k, "A");
     b.check(k, n, "B");
-    assert!(c.len() >= extent(m, n, ldc, "C"), "matmul_into: C too short");
+    assert!(
+        c.len() >= extent(m, n, ldc, "C"),
+        "matmul_into: C too short"
+    );
     if k == 0 {
         if !accumulate {
             for row in c.chunks_mut(ldc).take(m) {
@@ -302,8 +308,16 @@ mod tests {
         let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
         let want = |i: usize, j: usize| (0..k).map(|p| a[i * k + p] * b[p * n + j]).sum::<f32>();
         for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
-            let oa = if ta { Operand::new(&at, m).t() } else { Operand::new(&a, k) };
-            let ob = if tb { Operand::new(&bt, k).t() } else { Operand::new(&b, n) };
+            let oa = if ta {
+                Operand::new(&at, m).t()
+            } else {
+                Operand::new(&a, k)
+            };
+            let ob = if tb {
+                Operand::new(&bt, k).t()
+            } else {
+                Operand::new(&b, n)
+            };
             let mut c = vec![1.0; m * n];
             matmul_into(m, n, k, oa, ob, &mut c, n, true, 1);
             for i in 0..m {

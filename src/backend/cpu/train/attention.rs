@@ -83,10 +83,30 @@ pub fn attention_forward(
             let vs = &v[b * t_len * kvd + kvh * d..];
             let mut s = vec![0.0; t_len * t_len];
             let qo = Operand::new(qs, qd);
-            matmul_into(t_len, t_len, d, qo, Operand::new(ks, kvd).t(), &mut s, t_len, false, 1);
+            matmul_into(
+                t_len,
+                t_len,
+                d,
+                qo,
+                Operand::new(ks, kvd).t(),
+                &mut s,
+                t_len,
+                false,
+                1,
+            );
             let l = softmax_rows(&mut s, rows, b, geom);
             let mut out = vec![0.0; t_len * d];
-            matmul_into(t_len, d, t_len, Operand::new(&s, t_len), Operand::new(vs, kvd), &mut out, d, false, 1);
+            matmul_into(
+                t_len,
+                d,
+                t_len,
+                Operand::new(&s, t_len),
+                Operand::new(vs, kvd),
+                &mut out,
+                d,
+                false,
+                1,
+            );
             (b, h, out, l)
         })
         .collect();
@@ -143,7 +163,17 @@ pub fn attention_backward(
             for h in kvh * group..(kvh + 1) * group {
                 let base = b * t_len * qd + h * d;
                 let (qs, dos, os) = (&s.q[base..], &d_o[base..], &s.o[base..]);
-                matmul_into(t_len, t_len, d, Operand::new(qs, qd), Operand::new(ks, kvd).t(), &mut p, t_len, false, 1);
+                matmul_into(
+                    t_len,
+                    t_len,
+                    d,
+                    Operand::new(qs, qd),
+                    Operand::new(ks, kvd).t(),
+                    &mut p,
+                    t_len,
+                    false,
+                    1,
+                );
                 for t in 0..t_len {
                     let lo = rows.lo(b, t, geom.window);
                     let l = s.lse[(b * t_len + t) * h_n + h];
@@ -155,18 +185,61 @@ pub fn attention_backward(
                     r[t + 1..].fill(0.0);
                 }
                 let dop = Operand::new(dos, qd);
-                matmul_into(t_len, d, t_len, Operand::new(&p, t_len).t(), dop, &mut dv_l, d, true, 1);
-                matmul_into(t_len, t_len, d, dop, Operand::new(vs, kvd).t(), &mut dp, t_len, false, 1);
+                matmul_into(
+                    t_len,
+                    d,
+                    t_len,
+                    Operand::new(&p, t_len).t(),
+                    dop,
+                    &mut dv_l,
+                    d,
+                    true,
+                    1,
+                );
+                matmul_into(
+                    t_len,
+                    t_len,
+                    d,
+                    dop,
+                    Operand::new(vs, kvd).t(),
+                    &mut dp,
+                    t_len,
+                    false,
+                    1,
+                );
                 for t in 0..t_len {
                     let dot: f32 = (0..d).map(|c| dos[t * qd + c] * os[t * qd + c]).sum();
-                    let (pr, dr) = (&p[t * t_len..(t + 1) * t_len], &mut dp[t * t_len..(t + 1) * t_len]);
+                    let (pr, dr) = (
+                        &p[t * t_len..(t + 1) * t_len],
+                        &mut dp[t * t_len..(t + 1) * t_len],
+                    );
                     for (x, &pv) in dr.iter_mut().zip(pr) {
                         *x = pv * (*x - dot) * geom.scale;
                     }
                 }
                 let mut dq_h = vec![0.0; t_len * d];
-                matmul_into(t_len, d, t_len, Operand::new(&dp, t_len), Operand::new(ks, kvd), &mut dq_h, d, false, 1);
-                matmul_into(t_len, d, t_len, Operand::new(&dp, t_len).t(), Operand::new(qs, qd), &mut dk_l, d, true, 1);
+                matmul_into(
+                    t_len,
+                    d,
+                    t_len,
+                    Operand::new(&dp, t_len),
+                    Operand::new(ks, kvd),
+                    &mut dq_h,
+                    d,
+                    false,
+                    1,
+                );
+                matmul_into(
+                    t_len,
+                    d,
+                    t_len,
+                    Operand::new(&dp, t_len).t(),
+                    Operand::new(qs, qd),
+                    &mut dk_l,
+                    d,
+                    true,
+                    1,
+                );
                 dqs.push(dq_h);
             }
             (b, kvh, dqs, dk_l, dv_l)

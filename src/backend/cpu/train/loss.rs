@@ -8,6 +8,8 @@ use rayon::prelude::*;
 
 /// Vocabulary rows decoded per task in the gradient product.
 const BAND: usize = 256;
+/// Groups of bands summed separately (in parallel) and then in order.
+const GROUPS: usize = 8;
 
 /// Summed NLL and its input gradient.
 ///
@@ -29,7 +31,11 @@ pub fn loss_head(
     let (c, v) = (w.cols, w.rows);
     let mut total = 0.0f64;
     let mut count = 0usize;
-    for (ci, (hc, dxc)) in h.chunks(chunk * c).zip(dx.chunks_mut(chunk * c)).enumerate() {
+    for (ci, (hc, dxc)) in h
+        .chunks(chunk * c)
+        .zip(dx.chunks_mut(chunk * c))
+        .enumerate()
+    {
         let rows = hc.len() / c;
         let tc = &targets[ci * chunk..ci * chunk + rows];
         if tc.iter().all(|&t| t == u32::MAX) {
@@ -61,31 +67,42 @@ pub fn loss_head(
             total += nll;
             count += n;
         }
-        // dx = dlogits · W, summed over bands of the vocabulary.
+        // dx = dlogits · W, summed over bands of the vocabulary: a fixed
+        // number of groups of bands, each summed in order and the groups
+        // added in order, so the result does not depend on scheduling.
         let lg: &[f32] = lg;
-        let acc = (0..v.div_ceil(BAND))
+        let bands = v.div_ceil(BAND);
+        let per_group = bands.div_ceil(GROUPS);
+        let partials: Vec<Vec<f32>> = (0..bands.div_ceil(per_group))
             .into_par_iter()
-            .fold(
-                || (vec![0.0f32; rows * c], vec![0.0f32; BAND * c]),
-                |(mut acc, mut scratch), band| {
+            .map(|grp| {
+                let mut acc = vec![0.0f32; rows * c];
+                let mut scratch = vec![0.0f32; BAND * c];
+                for band in grp * per_group..((grp + 1) * per_group).min(bands) {
                     let r0 = band * BAND;
                     let nr = BAND.min(v - r0);
                     for i in 0..nr {
                         w.dequantize_row(r0 + i, &mut scratch[i * c..(i + 1) * c]);
                     }
                     let a = Operand::new(&lg[r0..], v);
-                    matmul_into(rows, c, nr, a, Operand::new(&scratch, c), &mut acc, c, true, 1);
-                    (acc, scratch)
-                },
-            )
-            .map(|(acc, _)| acc)
-            .reduce_with(|mut a, b| {
-                a.iter_mut().zip(&b).for_each(|(x, y)| *x += y);
-                a
-            });
-        match acc {
-            Some(acc) => dxc.copy_from_slice(&acc),
-            None => dxc.fill(0.0),
+                    matmul_into(
+                        rows,
+                        c,
+                        nr,
+                        a,
+                        Operand::new(&scratch, c),
+                        &mut acc,
+                        c,
+                        true,
+                        1,
+                    );
+                }
+                acc
+            })
+            .collect();
+        dxc.fill(0.0);
+        for p in partials {
+            dxc.iter_mut().zip(&p).for_each(|(x, y)| *x += y);
         }
     }
     (total, count)

@@ -178,7 +178,9 @@ impl<'m> CpuStep<'m> {
         }
         let vocab = g.frozen.iter().map(|w| w.rows).max().unwrap_or(0);
         if let Some(&t) = inp.tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::Invalid(format!("token id {t} is outside the vocabulary")));
+            return Err(Error::Invalid(format!(
+                "token id {t} is outside the vocabulary"
+            )));
         }
         for (i, (&p, &s)) in inp.positions.iter().zip(inp.seg_start).enumerate() {
             if p as usize >= g.seq || s as usize > i % g.seq {
@@ -224,7 +226,12 @@ impl<'m> CpuStep<'m> {
         let read = |t: TensorId| -> &[f32] {
             match g.tensors[t].kind {
                 TensorKind::Param(i) => &params[i],
-                _ => unsafe { std::slice::from_raw_parts(base.add(plan.offsets[t].unwrap()), g.tensors[t].shape.numel()) },
+                _ => unsafe {
+                    std::slice::from_raw_parts(
+                        base.add(plan.offsets[t].unwrap()),
+                        g.tensors[t].shape.numel(),
+                    )
+                },
             }
         };
         #[allow(clippy::mut_from_ref)]
@@ -241,12 +248,14 @@ impl<'m> CpuStep<'m> {
                 Op::Embed { w, scale } => {
                     let m = self.matrices[*w].as_ref().unwrap();
                     let x = write(o[0]);
-                    x.par_chunks_mut(m.cols).zip(inp.tokens.par_iter()).for_each(|(r, &t)| {
-                        m.dequantize_row(t as usize, r);
-                        if *scale != 1.0 {
-                            r.iter_mut().for_each(|v| *v *= scale);
-                        }
-                    });
+                    x.par_chunks_mut(m.cols)
+                        .zip(inp.tokens.par_iter())
+                        .for_each(|(r, &t)| {
+                            m.dequantize_row(t as usize, r);
+                            if *scale != 1.0 {
+                                r.iter_mut().for_each(|v| *v *= scale);
+                            }
+                        });
                 }
                 Op::RmsNorm { w, eps } => {
                     let wv = self.vectors[*w].as_ref().unwrap();
@@ -268,12 +277,25 @@ impl<'m> CpuStep<'m> {
                     let dy = read(i[0]);
                     let n = dy.len() / m.rows;
                     let a = Operand::new(dy, m.rows);
-                    matmul_into(n, m.cols, m.rows, a, Operand::new(wf, m.cols), write(o[0]), m.cols, false, threads);
+                    matmul_into(
+                        n,
+                        m.cols,
+                        m.rows,
+                        a,
+                        Operand::new(wf, m.cols),
+                        write(o[0]),
+                        m.cols,
+                        false,
+                        threads,
+                    );
                 }
                 Op::MatmulT => {
                     let (x, p) = (read(i[0]), g.shape(i[1]));
                     let n = x.len() / p.cols;
-                    let (a, b) = (Operand::new(x, p.cols), Operand::new(read(i[1]), p.cols).t());
+                    let (a, b) = (
+                        Operand::new(x, p.cols),
+                        Operand::new(read(i[1]), p.cols).t(),
+                    );
                     matmul_into(n, p.rows, p.cols, a, b, write(o[0]), p.rows, false, threads);
                 }
                 Op::MatmulNN => {
@@ -286,18 +308,42 @@ impl<'m> CpuStep<'m> {
                     let (dy, x) = (g.shape(i[0]), g.shape(i[1]));
                     let a = Operand::new(read(i[0]), dy.cols).t();
                     let b = Operand::new(read(i[1]), x.cols);
-                    matmul_into(dy.cols, x.cols, dy.rows, a, b, write(o[0]), x.cols, false, threads);
+                    matmul_into(
+                        dy.cols,
+                        x.cols,
+                        dy.rows,
+                        a,
+                        b,
+                        write(o[0]),
+                        x.cols,
+                        false,
+                        threads,
+                    );
                 }
                 Op::AddScaled { s } => zip2(read(i[0]), read(i[1]), write(o[0]), |a, b| a + s * b),
                 Op::Add => zip2(read(i[0]), read(i[1]), write(o[0]), |a, b| a + b),
                 Op::Scale { s } => {
                     let (x, y) = (read(i[0]), write(o[0]));
-                    y.par_iter_mut().zip(x.par_iter()).for_each(|(y, &x)| *y = s * x);
+                    y.par_iter_mut()
+                        .zip(x.par_iter())
+                        .for_each(|(y, &x)| *y = s * x);
                 }
                 Op::Rope { rope, head_dim } | Op::RopeBack { rope, head_dim } => {
-                    let sign = if matches!(node.op, Op::Rope { .. }) { 1.0 } else { -1.0 };
+                    let sign = if matches!(node.op, Op::Rope { .. }) {
+                        1.0
+                    } else {
+                        -1.0
+                    };
                     let table = &self.ropes.iter().find(|(r, _)| r == rope).unwrap().1;
-                    ops::rope_apply(read(i[0]), inp.positions, *head_dim, rope, table, sign, write(o[0]));
+                    ops::rope_apply(
+                        read(i[0]),
+                        inp.positions,
+                        *head_dim,
+                        rope,
+                        table,
+                        sign,
+                        write(o[0]),
+                    );
                 }
                 Op::Attention(geom) => {
                     let (q, k, v) = (read(i[0]), read(i[1]), read(i[2]));
@@ -319,7 +365,9 @@ impl<'m> CpuStep<'m> {
                     let (dg, du) = (write(o[0]), write(o[1]));
                     ops::gated_backward(read(i[0]), read(i[1]), read(i[2]), *act, dg, du);
                 }
-                Op::Dropout { p, site } => ops::dropout(read(i[0]), *p, inp.seed, *site, write(o[0])),
+                Op::Dropout { p, site } => {
+                    ops::dropout(read(i[0]), *p, inp.seed, *site, write(o[0]))
+                }
                 Op::LossHead { w } => {
                     let m = self.matrices[*w].as_ref().unwrap();
                     let (sum, count) = loss::loss_head(

@@ -35,9 +35,18 @@ pub fn rms_norm_backward(x: &[f32], dy: &[f32], w: &[f32], eps: f32, dx: &mut [f
     dx.par_chunks_mut(n * ROWS)
         .zip(x.par_chunks(n * ROWS).zip(dy.par_chunks(n * ROWS)))
         .for_each(|(dc, (xc, gc))| {
-            for ((d, xr), gr) in dc.chunks_exact_mut(n).zip(xc.chunks_exact(n)).zip(gc.chunks_exact(n)) {
+            for ((d, xr), gr) in dc
+                .chunks_exact_mut(n)
+                .zip(xc.chunks_exact(n))
+                .zip(gc.chunks_exact(n))
+            {
                 let r = inv_rms(xr, eps);
-                let dot: f32 = xr.iter().zip(gr).zip(w).map(|((&a, &b), &c)| a * b * c).sum();
+                let dot: f32 = xr
+                    .iter()
+                    .zip(gr)
+                    .zip(w)
+                    .map(|((&a, &b), &c)| a * b * c)
+                    .sum();
                 let k = r * r * r * dot / n as f32;
                 for (((o, &xv), &gv), &wv) in d.iter_mut().zip(xr).zip(gr).zip(w) {
                     *o = r * gv * wv - xv * k;
@@ -108,7 +117,8 @@ fn act_and_slope(act: Activation, g: f32) -> (f32, f32) {
         }
         Activation::GeluTanh => {
             let t = (GELU_K * (g + GELU_C * g * g * g)).tanh();
-            let d = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * g * g);
+            let d =
+                0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * g * g);
             (0.5 * g * (1.0 + t), d)
         }
     }
@@ -126,10 +136,21 @@ pub fn gated_forward(g: &[f32], u: &[f32], act: Activation, h: &mut [f32]) {
 }
 
 /// `dg = dh · u · act'(g)`, `du = dh · act(g)`.
-pub fn gated_backward(g: &[f32], u: &[f32], dh: &[f32], act: Activation, dg: &mut [f32], du: &mut [f32]) {
+pub fn gated_backward(
+    g: &[f32],
+    u: &[f32],
+    dh: &[f32],
+    act: Activation,
+    dg: &mut [f32],
+    du: &mut [f32],
+) {
     dg.par_chunks_mut(4096)
         .zip(du.par_chunks_mut(4096))
-        .zip(g.par_chunks(4096).zip(u.par_chunks(4096)).zip(dh.par_chunks(4096)))
+        .zip(
+            g.par_chunks(4096)
+                .zip(u.par_chunks(4096))
+                .zip(dh.par_chunks(4096)),
+        )
         .for_each(|((dgc, duc), ((gc, uc), hc))| {
             for i in 0..dgc.len() {
                 let (a, slope) = act_and_slope(act, gc[i]);

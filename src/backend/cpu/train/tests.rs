@@ -1,10 +1,10 @@
 //! Finite-difference checks of every backward rule, and of the LoRA
 //! gradients of whole tiny models.
 
+use super::CpuStep;
 use super::attention::{AttnSaved, Rows, attention_backward, attention_forward};
 use super::loss::loss_head;
 use super::ops::*;
-use super::CpuStep;
 use crate::backend::cpu::matmul::QMatrix;
 use crate::graph::{AttnGeom, DecoderGraph, MemoryPlan, StepInputs, autodiff, plan};
 use crate::model::tiny::{Cfg, values, write_model};
@@ -16,7 +16,13 @@ use std::collections::BTreeSet;
 
 /// Check `analytic` against central differences of the scalar `f` at `x`,
 /// on every element (or every `stride`-th).
-fn check_grad(name: &str, x: &[f32], analytic: &[f32], stride: usize, f: &mut dyn FnMut(&[f32]) -> f64) {
+fn check_grad(
+    name: &str,
+    x: &[f32],
+    analytic: &[f32],
+    stride: usize,
+    f: &mut dyn FnMut(&[f32]) -> f64,
+) {
     let eps = 1e-2f32;
     let mut worst = 0.0f64;
     for i in (0..x.len()).step_by(stride) {
@@ -26,9 +32,14 @@ fn check_grad(name: &str, x: &[f32], analytic: &[f32], stride: usize, f: &mut dy
         xp[i] -= 2.0 * eps;
         let lm = f(&xp);
         let num = (lp - lm) / (2.0 * eps as f64);
-        let err = (num - analytic[i] as f64).abs() / (num.abs().max(analytic[i].abs() as f64) + 1e-2);
+        let err =
+            (num - analytic[i] as f64).abs() / (num.abs().max(analytic[i].abs() as f64) + 1e-2);
         worst = worst.max(err);
-        assert!(err < 2e-2, "{name}[{i}]: analytic {} vs numeric {num}", analytic[i]);
+        assert!(
+            err < 2e-2,
+            "{name}[{i}]: analytic {} vs numeric {num}",
+            analytic[i]
+        );
     }
     assert!(worst.is_finite(), "{name}: no elements checked");
 }
@@ -154,7 +165,10 @@ fn attention_backward_matches_finite_differences() {
         let t = 6 + 2;
         for h in 0..4 {
             let kvh = h / 2;
-            assert_eq!(&o[t * 16 + h * 4..t * 16 + h * 4 + 4], &v[t * 8 + kvh * 4..t * 8 + kvh * 4 + 4]);
+            assert_eq!(
+                &o[t * 16 + h * 4..t * 16 + h * 4 + 4],
+                &v[t * 8 + kvh * 4..t * 8 + kvh * 4 + 4]
+            );
         }
     }
 }
@@ -269,7 +283,12 @@ fn check_model(cfg: Cfg, dropout: f32) {
     let rg = plan::recompute_layers(&g, &all);
     let rplan = MemoryPlan::new(&rg);
     let full = MemoryPlan::new(&g);
-    assert!(rplan.arena_len < full.arena_len, "{} vs {}", rplan.arena_len, full.arena_len);
+    assert!(
+        rplan.arena_len < full.arena_len,
+        "{} vs {}",
+        rplan.arena_len,
+        full.arena_len
+    );
     let mut rstep = CpuStep::new(&model, rg, rplan, 2).unwrap();
     rstep.run(&inputs(&batch, scale), &params).unwrap();
     for (i, gr) in grads.iter().enumerate() {
@@ -294,7 +313,10 @@ fn graph_loss_equals_the_inference_path() {
     // With B = 0 the adapted model is the base: the training graph's loss
     // must equal the NLL of the (reference-checked) inference path.
     use crate::backend::{Decoder, cpu::CpuDecoder};
-    for cfg in [Cfg::llama(GgmlType::Q8_0, 2), Cfg::gemma3(GgmlType::Q4_0, 3)] {
+    for cfg in [
+        Cfg::llama(GgmlType::Q8_0, 2),
+        Cfg::gemma3(GgmlType::Q4_0, 3),
+    ] {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("tiny.gguf");
         write_model(&cfg, &path);
@@ -323,6 +345,10 @@ fn graph_loss_equals_the_inference_path() {
         let mut s = dec.session(8).unwrap();
         let nll = s.forward_nll(&tokens[..7], &targets[..7]).unwrap();
         let want: f64 = nll.iter().sum();
-        assert!((sum - want).abs() < 1e-3 * want.abs(), "{sum} vs {want} ({})", cfg.arch);
+        assert!(
+            (sum - want).abs() < 1e-3 * want.abs(),
+            "{sum} vs {want} ({})",
+            cfg.arch
+        );
     }
 }

@@ -1,0 +1,129 @@
+//! Everything a training run is configured with, checked before any work.
+
+use super::budget::Recompute;
+use super::optim::AdamWConfig;
+use super::schedule::ScheduleKind;
+use crate::peft::lora::LoraConfig;
+use crate::{Error, Result};
+use serde::{Deserialize, Serialize};
+
+/// How long to train.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Duration {
+    /// This many optimizer steps.
+    Steps(u64),
+    /// This many passes over the training examples (rounded up to steps).
+    Epochs(f32),
+}
+
+/// A training run's configuration. Saved in every checkpoint, so a resumed
+/// run continues with exactly the same settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// The LoRA adapter.
+    pub lora: LoraConfig,
+    /// Peak learning rate.
+    pub lr: f32,
+    /// Decay after warmup.
+    pub schedule: ScheduleKind,
+    /// Warmup steps (`None`: 5% of the run, at most 100).
+    pub warmup: Option<u64>,
+    /// Floor of the decay as a fraction of the peak.
+    pub min_lr_ratio: f32,
+    /// AdamW moments and weight decay.
+    pub adamw: AdamWConfig,
+    /// Length of the run.
+    pub duration: Duration,
+    /// Sequences per optimizer step (before accumulation).
+    pub batch: usize,
+    /// Tokens per sequence.
+    pub seq: usize,
+    /// Micro-batches summed per optimizer step.
+    pub grad_accum: usize,
+    /// Global-norm gradient clipping (0: off).
+    pub max_grad_norm: f32,
+    /// Fraction of the examples held out for evaluation (0: none).
+    pub eval_split: f32,
+    /// Evaluate every this many steps (0: only at the end).
+    pub eval_every: u64,
+    /// Stop after this many evaluations without improvement (0: never).
+    pub early_stop: u32,
+    /// Checkpoint every this many steps (0: only at the end).
+    pub save_every: u64,
+    /// Peak memory allowed, in bytes.
+    pub memory_budget: Option<u64>,
+    /// Layer recomputation.
+    pub recompute: Recompute,
+    /// Train on prompt and user tokens too.
+    pub train_on_prompt: bool,
+    /// Seed of initialization, shuffling, splits and dropout.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        TrainConfig {
+            lora: LoraConfig::default(),
+            lr: 2e-4,
+            schedule: ScheduleKind::Cosine,
+            warmup: None,
+            min_lr_ratio: 0.0,
+            adamw: AdamWConfig::default(),
+            duration: Duration::Epochs(1.0),
+            batch: 4,
+            seq: 256,
+            grad_accum: 1,
+            max_grad_norm: 1.0,
+            eval_split: 0.0,
+            eval_every: 0,
+            early_stop: 0,
+            save_every: 0,
+            memory_budget: None,
+            recompute: Recompute::Auto,
+            train_on_prompt: false,
+            seed: 0,
+        }
+    }
+}
+
+impl TrainConfig {
+    /// Check the values a user can get wrong, naming the option.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Invalid(m));
+        if !self.lr.is_finite() || self.lr <= 0.0 {
+            return bad(format!("--lr must be positive, got {}", self.lr));
+        }
+        if self.batch == 0 || self.grad_accum == 0 {
+            return bad("--batch and --grad-accum must be at least 1".into());
+        }
+        if self.seq < 2 {
+            return bad(format!("--seq must be at least 2 tokens, got {}", self.seq));
+        }
+        match self.duration {
+            Duration::Steps(0) => return bad("--steps must be at least 1".into()),
+            Duration::Epochs(e) if !e.is_finite() || e <= 0.0 => {
+                return bad(format!("--epochs must be positive, got {e}"));
+            }
+            _ => {}
+        }
+        if !(0.0..1.0).contains(&self.eval_split) {
+            return bad(format!(
+                "--eval-split must be in [0, 1), got {}",
+                self.eval_split
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.min_lr_ratio) {
+            return bad(format!(
+                "--min-lr-ratio must be in [0, 1], got {}",
+                self.min_lr_ratio
+            ));
+        }
+        if !self.max_grad_norm.is_finite() || self.max_grad_norm < 0.0 {
+            return bad(format!(
+                "--max-grad-norm must be ≥ 0, got {}",
+                self.max_grad_norm
+            ));
+        }
+        Ok(())
+    }
+}
