@@ -30,7 +30,7 @@ fn model(file: &str) -> Option<String> {
 fn every_command_has_help_with_device() {
     let o = edgetune(&["--help"]);
     assert!(o.status.success());
-    for cmd in ["info", "generate", "score", "bench"] {
+    for cmd in ["info", "generate", "score", "bench", "train"] {
         assert!(stdout(&o).contains(cmd), "top-level help lists {cmd}");
         let o = edgetune(&[cmd, "--help"]);
         assert!(o.status.success(), "{cmd} --help");
@@ -38,6 +38,12 @@ fn every_command_has_help_with_device() {
             stdout(&o).contains("--device"),
             "{cmd} --help shows --device"
         );
+    }
+    assert!(stdout(&o).contains("plan"), "top-level help lists plan");
+    let o = edgetune(&["plan", "--help"]);
+    assert!(o.status.success());
+    for opt in ["--rank", "--targets", "--memory-budget", "--recompute"] {
+        assert!(stdout(&o).contains(opt), "plan --help shows {opt}");
     }
 }
 
@@ -298,4 +304,327 @@ fn looking_for_a_gpu_prints_no_driver_noise_without_a_desktop_session() {
         .expect("run edgetune");
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(!stderr(&o).contains("XDG_RUNTIME_DIR"), "{}", stderr(&o));
+}
+
+const SMOLLM2: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[test]
+fn plan_breaks_the_peak_down_and_refuses_a_budget_too_small() {
+    let Some(m) = model(SMOLLM2) else {
+        return;
+    };
+    let o = edgetune(&["plan", &m, "--threads", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    for row in [
+        "weights",
+        "adapter",
+        "activations",
+        "workspace",
+        "runtime",
+        "total",
+        "micro-batch",
+        "recomputed",
+    ] {
+        assert!(out.contains(row), "no {row} in:\n{out}");
+    }
+
+    let budget = 400u64 << 20;
+    let o = edgetune(&[
+        "plan",
+        &m,
+        "--threads",
+        "2",
+        "--rank",
+        "4",
+        "--targets",
+        "q,v",
+        "--memory-budget",
+        "400MB",
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+    let part = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("no {k} in {v}"));
+    let sum: u64 = ["weights", "adapter", "activations", "workspace", "runtime"]
+        .iter()
+        .map(|k| part(k))
+        .sum();
+    assert_eq!(part("total"), sum);
+    assert!(part("total") <= budget, "{v}");
+    assert_eq!(part("budget"), budget);
+    assert_eq!(part("layers"), 30);
+    // 4 sequences of 256 tokens need ~1.2 GB unrecomputed: the budget forced
+    // a smaller micro-batch or recomputation, keeping the effective batch.
+    let (micro, accum) = (part("micro_batch"), part("grad_accum"));
+    assert_eq!(micro * accum, 4, "{v}");
+    assert!(micro < 4 || part("recomputed_layers") > 0, "{v}");
+    // rank 4 on q and v of 30 layers: (576·4 + 4·576) + (576·4 + 4·192) each.
+    assert_eq!(part("params"), 30 * (2 * 576 * 4 + 4 * (576 + 192)));
+
+    let o = edgetune(&["plan", &m, "--memory-budget", "100MB"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("at least"), "{}", stderr(&o));
+    let o = edgetune(&["plan", &m, "--method", "dora"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("not yet supported"), "{}", stderr(&o));
+    let o = edgetune(&["plan", &m, "--memory-budget", "12 parsecs"]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+#[test]
+fn train_names_a_bad_data_line_before_any_work() {
+    let Some(m) = model(SMOLLM2) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("tiny.jsonl");
+    std::fs::write(
+        &data,
+        "{\"prompt\": \"The sky is\", \"completion\": \" blue.\"}\n{\"prompt\": \"no completion\"\n",
+    )
+    .unwrap();
+    let out = dir.path().join("run");
+    let o = edgetune(&[
+        "train",
+        &m,
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(err.contains("tiny.jsonl:2"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&out)
+        .map(|d| d.collect())
+        .unwrap_or_default();
+    assert!(left.is_empty(), "{left:?}");
+
+    // Options refused before the model is read.
+    let o = edgetune(&[
+        "train",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "gpu",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("GPU training"), "{}", stderr(&o));
+    let o = edgetune(&[
+        "train",
+        data.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "2",
+        "--epochs",
+        "1",
+    ]);
+    assert_eq!(o.status.code(), Some(2));
+}
+
+/// `train --json` lines, parsed.
+fn json_lines(o: &Output) -> Vec<serde_json::Value> {
+    stdout(o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn train_writes_an_adapter_that_generate_and_score_apply() {
+    let Some(m) = model(SMOLLM2) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_s = out.to_str().unwrap();
+    let train = |extra: &[&str]| {
+        let args = [
+            &[
+                "train",
+                &m,
+                "examples/data/prompt_completion.jsonl",
+                "--out",
+                out_s,
+                "--steps",
+                "2",
+                "--batch",
+                "1",
+                "--seq",
+                "64",
+                "--rank",
+                "4",
+                "--json",
+                "--threads",
+                "2",
+            ][..],
+            extra,
+        ]
+        .concat();
+        edgetune(&args)
+    };
+    let o = train(&[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let events = json_lines(&o);
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["planned", "step", "step", "summary"], "{events:?}");
+    assert_eq!(events[0]["total_steps"], 2);
+    assert_eq!(events[0]["memory"]["micro_batch"], 1);
+    assert_eq!(events[2]["step"], 2);
+    assert_eq!(events[3]["steps"], 2);
+    assert!(events[3]["first_loss"].as_f64().unwrap().is_finite());
+    for f in ["adapter.gguf", "loss.svg", "train.json", "checkpoint.bin"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    let adapter = out.join("adapter.gguf");
+    let adapter_s = adapter.to_str().unwrap();
+
+    let o = edgetune(&[
+        "generate",
+        &m,
+        "--adapter",
+        adapter_s,
+        "--device",
+        "cpu",
+        "-n",
+        "4",
+        "--prompt",
+        "Hello",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = edgetune(&[
+        "generate",
+        &m,
+        "--adapter",
+        adapter_s,
+        "--device",
+        "gpu",
+        "-n",
+        "4",
+        "-p",
+        "Hello",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--device cpu"), "{}", stderr(&o));
+    let o = edgetune(&[
+        "generate",
+        &m,
+        "--adapter",
+        dir.path().join("missing.gguf").to_str().unwrap(),
+        "-p",
+        "Hello",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("missing.gguf"), "{}", stderr(&o));
+
+    // At strength 0 the adapter adds nothing: the same perplexity exactly.
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "The quick brown fox jumps over the lazy dog.").unwrap();
+    let ppl = |extra: &[&str]| {
+        let args = [
+            &[
+                "score",
+                &m,
+                text.to_str().unwrap(),
+                "--device",
+                "cpu",
+                "--json",
+            ][..],
+            extra,
+        ]
+        .concat();
+        let o = edgetune(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        v["perplexity"].as_f64().unwrap()
+    };
+    let zero = format!("{adapter_s}:0");
+    assert_eq!(ppl(&[]), ppl(&["--adapter", &zero]));
+
+    // The folder holds a run: another one there is refused, untouched.
+    let before = std::fs::read(&adapter).unwrap();
+    let o = train(&[]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--resume"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&adapter).unwrap(), before);
+}
+
+#[cfg(unix)]
+#[test]
+fn ctrl_c_checkpoints_and_resume_finishes_the_run() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let Some(m) = model(SMOLLM2) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let args = [
+        "train",
+        &m,
+        "examples/data/prompt_completion.jsonl",
+        "--out",
+        out.to_str().unwrap(),
+        "--steps",
+        "8",
+        "--batch",
+        "1",
+        "--seq",
+        "32",
+        "--rank",
+        "2",
+        "--targets",
+        "q,v",
+        "--json",
+        "--threads",
+        "2",
+    ];
+    let mut child = Command::new(env!("CARGO_BIN_EXE_edgetune"))
+        .args(args)
+        .current_dir(root())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Interrupt once the first step is done.
+    for line in lines.by_ref() {
+        if line.unwrap().contains("\"event\":\"step\"") {
+            break;
+        }
+    }
+    // SAFETY: signalling the child this test spawned and still owns.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert_eq!(o.status.code(), Some(130), "{err}");
+    assert!(
+        rest.iter().any(|l| l.contains("\"event\":\"checkpoint\"")),
+        "{rest:?}"
+    );
+    assert!(
+        err.contains("stopped at step") && err.contains("--resume"),
+        "{err}"
+    );
+    assert!(out.join("checkpoint.bin").is_file());
+    assert!(!out.join("adapter.gguf").exists());
+
+    let o = edgetune(&[&args[..], &["--resume"]].concat());
+    assert!(o.status.success(), "{}", stderr(&o));
+    let events = json_lines(&o);
+    let start = events[0]["start_step"].as_u64().unwrap();
+    assert!((1..8).contains(&start), "{events:?}");
+    let steps = events.iter().filter(|e| e["event"] == "step").count() as u64;
+    assert_eq!(start + steps, 8);
+    assert_eq!(events.last().unwrap()["steps"], 8);
+    assert!(out.join("adapter.gguf").is_file());
 }

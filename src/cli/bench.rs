@@ -11,7 +11,11 @@ use std::time::Instant;
 
 /// Arguments of `bench`.
 #[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
 pub struct BenchArgs {
+    /// What else to benchmark (default: inference).
+    #[command(subcommand)]
+    what: Option<BenchWhat>,
     #[command(flatten)]
     model: ModelArgs,
     /// Tokens in the prompt pass.
@@ -35,6 +39,14 @@ pub struct BenchArgs {
     json: bool,
 }
 
+/// Other benchmarks.
+#[derive(clap::Subcommand)]
+enum BenchWhat {
+    /// LoRA training steps: tokens/s, planned and measured peak memory, and
+    /// where one step's time goes.
+    Train(super::bench_train::TrainBenchArgs),
+}
+
 fn parse_shape(s: &str) -> Result<[usize; 3], String> {
     let v: Vec<usize> = s
         .split(',')
@@ -45,6 +57,9 @@ fn parse_shape(s: &str) -> Result<[usize; 3], String> {
 }
 
 pub fn run(a: BenchArgs) -> Result<(), Error> {
+    if let Some(BenchWhat::Train(t)) = a.what {
+        return super::bench_train::run(t);
+    }
     let t = Instant::now();
     let model = Model::open(a.model.path()?)?;
     let decoder = a.model.decoder(&model, MatvecMode::Exact)?;

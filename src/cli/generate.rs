@@ -1,6 +1,6 @@
 //! `edgetune generate`.
 
-use super::{ModelArgs, interrupted, keep_going, print_json};
+use super::{AdapterArgs, ModelArgs, interrupted, keep_going, print_json};
 use clap::Args;
 use edgetune::Error;
 use edgetune::backend::cpu::MatvecMode;
@@ -16,6 +16,8 @@ use std::path::PathBuf;
 pub struct GenerateArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    adapters: AdapterArgs,
     /// The prompt.
     #[arg(long, short)]
     prompt: String,
@@ -29,7 +31,7 @@ pub struct GenerateArgs {
     #[arg(long, value_name = "FILE")]
     chat_template: Option<PathBuf>,
     /// Most tokens to generate.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, short = 'n', default_value_t = 128)]
     max_tokens: usize,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
@@ -78,7 +80,10 @@ pub fn run(a: GenerateArgs) -> Result<(), Error> {
     } else {
         MatvecMode::Exact
     };
-    let decoder = a.model.decoder(&model, mode)?;
+    let decoder = a
+        .model
+        .run
+        .decoder_with_adapters(&model, mode, &a.adapters.adapters)?;
     let opts = GenerateOptions {
         max_tokens: a.max_tokens,
         sampling: SamplingParams {

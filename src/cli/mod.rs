@@ -1,19 +1,25 @@
 //! Argument parsing, shared options, and error reporting with exit codes.
 
 mod bench;
+mod bench_train;
 mod generate;
 mod info;
+mod plan;
 mod score;
+mod train;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use edgetune::Error;
 use edgetune::backend::Decoder;
 use edgetune::backend::cpu::{CpuDecoder, CpuOptions, MatvecMode};
 use edgetune::backend::gpu::{GpuContext, GpuDecoder, GpuOptions};
+use edgetune::export::gguf_lora;
 use edgetune::model::Model;
+use edgetune::peft::lora::LoraWeights;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -43,6 +49,10 @@ enum Command {
     Score(score::ScoreArgs),
     /// Prompt and generation throughput.
     Bench(bench::BenchArgs),
+    /// Fine-tune a LoRA adapter on a data file or folder of notes.
+    Train(train::TrainArgs),
+    /// The memory a training run would need, before running it.
+    Plan(plan::PlanArgs),
 }
 
 /// Where the model runs.
@@ -110,6 +120,55 @@ impl RunArgs {
         }
     }
 
+    /// The decoder for `model` with `adapters` stacked on it. LoRA adapters
+    /// run on the CPU backend only: `auto` picks the CPU when any is given.
+    pub fn decoder_with_adapters<'m>(
+        &self,
+        model: &'m Model,
+        matvec: MatvecMode,
+        adapters: &[AdapterSpec],
+    ) -> Result<Box<dyn Decoder + 'm>, Error> {
+        if adapters.is_empty() {
+            return self.decoder(model, matvec);
+        }
+        let gpu_option = if self.gpu_adapter.is_some() {
+            Some("--gpu-adapter")
+        } else if self.kv_f16 {
+            Some("--kv-f16")
+        } else {
+            None
+        };
+        match (self.device, gpu_option) {
+            (Device::Gpu, _) => {
+                return Err(Error::Invalid(
+                    "LoRA adapters run on the CPU backend for now; use --device cpu".into(),
+                ));
+            }
+            (_, Some(opt)) => {
+                return Err(Error::Invalid(format!(
+                    "{opt} applies to the GPU, but LoRA adapters run on the CPU backend for now"
+                )));
+            }
+            _ => {}
+        }
+        // Read and check every file before the decoder is built.
+        let weights = adapters
+            .iter()
+            .map(|a| a.load(model))
+            .collect::<Result<Vec<_>, Error>>()?;
+        let mut cpu = CpuDecoder::with_options(
+            model,
+            CpuOptions {
+                threads: self.threads,
+                matvec,
+            },
+        )?;
+        for w in weights {
+            cpu.add_adapter(Arc::new(w));
+        }
+        Ok(Box::new(cpu))
+    }
+
     /// The GPU context this run asks for.
     pub fn gpu_context(&self, allow_software: bool) -> Result<Arc<GpuContext>, Error> {
         quiet_wayland_probe(|| {
@@ -136,6 +195,70 @@ impl RunArgs {
         pb.finish_and_clear();
         d
     }
+}
+
+/// A LoRA adapter file and the strength it is applied with:
+/// `FILE` (strength 1) or `FILE:STRENGTH`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdapterSpec {
+    /// The GGUF LoRA file.
+    pub path: PathBuf,
+    /// Multiplier on the adapter's own scale (1: as trained).
+    pub strength: f32,
+}
+
+impl FromStr for AdapterSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<AdapterSpec, String> {
+        // Only a suffix that reads as a number is a strength, so paths with
+        // colons in them still work.
+        if let Some((path, strength)) = s.rsplit_once(':')
+            && let Ok(v) = strength.trim().parse::<f32>()
+        {
+            if !v.is_finite() {
+                return Err(format!("strength '{strength}' is not a finite number"));
+            }
+            if path.is_empty() {
+                return Err("expected FILE or FILE:STRENGTH".into());
+            }
+            return Ok(AdapterSpec {
+                path: PathBuf::from(path),
+                strength: v,
+            });
+        }
+        if s.is_empty() {
+            return Err("expected FILE or FILE:STRENGTH".into());
+        }
+        Ok(AdapterSpec {
+            path: PathBuf::from(s),
+            strength: 1.0,
+        })
+    }
+}
+
+impl AdapterSpec {
+    /// Read the file and check it against `model`'s tensors; errors name the file.
+    pub fn load(&self, model: &Model) -> Result<LoraWeights, Error> {
+        let file = gguf_lora::read(&self.path)?;
+        file.check_base(model.file()).map_err(|e| {
+            Error::Invalid(format!(
+                "--adapter {} does not fit the model: {e}",
+                self.path.display()
+            ))
+        })?;
+        Ok(LoraWeights::new(&file, self.strength))
+    }
+}
+
+/// The `--adapter` option of the commands that run a model.
+#[derive(Args, Clone)]
+pub struct AdapterArgs {
+    /// A LoRA adapter (GGUF, as `train` writes) to apply, optionally with a
+    /// strength: `--adapter A.gguf` or `--adapter A.gguf:0.7`. Repeat to
+    /// stack adapters. Adapters run on the CPU backend.
+    #[arg(long = "adapter", value_name = "FILE[:STRENGTH]")]
+    pub adapters: Vec<AdapterSpec>,
 }
 
 /// Run `f` (which lists or opens GPU adapters) with stderr muted when no
@@ -280,6 +403,8 @@ pub fn main() -> ExitCode {
         Command::Generate(a) => generate::run(a),
         Command::Score(a) => score::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Train(a) => train::run(a),
+        Command::Plan(a) => plan::run(a),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,6 +1,6 @@
 //! `edgetune score`.
 
-use super::{RunArgs, emit, keep_going, model_path, print_json, progress_bar, report};
+use super::{AdapterArgs, RunArgs, emit, keep_going, model_path, print_json, progress_bar, report};
 use clap::Args;
 use edgetune::Error;
 use edgetune::backend::cpu::MatvecMode;
@@ -18,6 +18,8 @@ pub struct ScoreArgs {
     paths: Vec<PathBuf>,
     #[command(flatten)]
     run: RunArgs,
+    #[command(flatten)]
+    adapters: AdapterArgs,
     /// Window length in text tokens; windows are scored independently.
     #[arg(long, default_value_t = 512)]
     context: usize,
@@ -36,7 +38,9 @@ pub fn run(a: ScoreArgs) -> Result<(), Error> {
     let text = std::fs::read_to_string(&file).map_err(|e| Error::io(&file, e))?;
     let model = Model::open(model)?;
     let tokenizer = Tokenizer::from_gguf(model.file())?;
-    let decoder = a.run.decoder(&model, MatvecMode::Exact)?;
+    let decoder = a
+        .run
+        .decoder_with_adapters(&model, MatvecMode::Exact, &a.adapters.adapters)?;
     let pb = progress_bar(0, "scoring");
     let s = perplexity(
         decoder.as_ref(),

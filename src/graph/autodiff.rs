@@ -93,6 +93,21 @@ pub fn differentiate(g: &mut Graph) -> Result<()> {
                     contrib.push((1, t));
                 }
             }
+            Op::MatmulTAdd => {
+                if needs(0) {
+                    contrib.push((0, dy));
+                }
+                if needs(1) {
+                    let (n, s) = (name(g, 1), shape_of(g, 1));
+                    let t = emit(g, Op::MatmulNN, &[dy, node.inputs[2]], &[(&n, s)])[0];
+                    contrib.push((1, t));
+                }
+                if needs(2) {
+                    let (n, s) = (name(g, 2), shape_of(g, 2));
+                    let t = emit(g, Op::MatmulTN, &[dy, node.inputs[1]], &[(&n, s)])[0];
+                    contrib.push((2, t));
+                }
+            }
             Op::AddScaled { s } => {
                 if needs(0) {
                     contrib.push((0, dy));

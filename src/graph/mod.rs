@@ -111,6 +111,9 @@ pub enum Op {
     Linear { w: FrozenId },
     /// `x (N, k)`, `p (m, k)` → `y = x·pᵀ (N, m)`.
     MatmulT,
+    /// `y (N, m)`, `x (N, k)`, `p (m, k)` → `y + x·pᵀ`: a low-rank term added
+    /// to a frozen product in one pass over the output.
+    MatmulTAdd,
     /// `a`, `b` → `a + s·b`.
     AddScaled { s: f32 },
     /// `a`, `b` → `a + b`.
@@ -156,6 +159,7 @@ impl Op {
             Op::RmsNorm { .. } => "rms_norm",
             Op::Linear { .. } => "linear",
             Op::MatmulT => "matmul_t",
+            Op::MatmulTAdd => "matmul_t_add",
             Op::AddScaled { .. } => "add_scaled",
             Op::Add => "add",
             Op::Scale { .. } => "scale",

@@ -150,6 +150,7 @@ impl GraphHook for Lora {
             };
             xin = g.push(op, &[x], &[("lora_dropout", g.shape(x))], at, fw)[0];
         }
+        // y + s·(x·Aᵀ)·Bᵀ, with the scale on the narrow (N, r) product.
         let h = g.push(
             Op::MatmulT,
             &[xin, a],
@@ -157,17 +158,17 @@ impl GraphHook for Lora {
             at,
             fw,
         )[0];
-        let z = g.push(
-            Op::MatmulT,
-            &[h, b],
-            &[("lora_z", Shape::new(n, w.rows))],
+        let s = self.config.scale();
+        let hs = g.push(
+            Op::Scale { s },
+            &[h],
+            &[("lora_hs", Shape::new(n, r))],
             at,
             fw,
         )[0];
-        let s = self.config.scale();
         g.push(
-            Op::AddScaled { s },
-            &[y, z],
+            Op::MatmulTAdd,
+            &[y, hs, b],
             &[("lora_y", Shape::new(n, w.rows))],
             at,
             fw,

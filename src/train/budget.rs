@@ -194,7 +194,10 @@ pub fn fit(
     };
     // Micro-batches that divide the effective batch, largest first (the
     // requested micro-batch and its divisors).
-    let micro: Vec<usize> = (1..=batch).rev().filter(|&m| effective.is_multiple_of(m)).collect();
+    let micro: Vec<usize> = (1..=batch)
+        .rev()
+        .filter(|&m| effective.is_multiple_of(m))
+        .collect();
     let mut smallest: Option<PlannedStep> = None;
     for &m in &micro {
         let accum = effective / m;

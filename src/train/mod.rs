@@ -8,6 +8,7 @@
 //! [`TrainEvent`]s through a callback that can cancel.
 
 pub mod adapter;
+pub mod bench;
 pub mod budget;
 pub mod checkpoint;
 pub mod config;

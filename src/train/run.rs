@@ -124,9 +124,10 @@ pub struct TrainSummary {
     pub eval_before: Option<f32>,
     /// Best held-out loss and its step.
     pub best_eval: Option<(u64, f32)>,
-    /// Training tokens per second (batch × seq per step, this session).
+    /// Training tokens per second (batch × seq per step, over this
+    /// session's steps; evaluation and saving excluded).
     pub tokens_per_s: f32,
-    /// Wall time of this session's steps.
+    /// Time spent in this session's steps.
     pub seconds: f64,
     /// The adapter written.
     pub adapter: PathBuf,
@@ -276,6 +277,10 @@ pub fn train(
     let cfg = resumed
         .as_ref()
         .map_or_else(|| req.config.clone(), |c| c.config.clone());
+    let threads = match req.threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
     cfg.validate()?;
     let spec = req.model.spec();
     let lora = Lora::new(cfg.lora.clone(), spec.layers.len())?;
@@ -302,7 +307,7 @@ pub fn train(
         spec,
         method: &lora,
         seq: cfg.seq,
-        threads: req.threads,
+        threads,
         data_bytes: ((train_ds.tokens() + eval_ds.tokens()) * 5) as u64,
         keep_best: cfg.early_stop > 0,
     };
@@ -384,7 +389,7 @@ pub fn train(
         params: n_params,
     };
     let _ = progress(&planned);
-    let mut step = CpuStep::new(req.model, graph, plan, req.threads)?;
+    let mut step = CpuStep::new(req.model, graph, plan, threads)?;
     let has_eval = !eval_ds.is_empty();
     let eval = |params: &[Vec<f32>]| {
         evaluate(
@@ -409,7 +414,7 @@ pub fn train(
         checkpoint::save(&ckpt_path, st)
     };
     let mut grads: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
-    let started = Instant::now();
+    let mut step_seconds = 0.0f64;
     let mut session_steps = 0u64;
     let mut early_stop = false;
     while st.step < total_steps && !st.finished {
@@ -461,6 +466,7 @@ pub fn train(
         st.step += 1;
         session_steps += 1;
         let secs = t0.elapsed().as_secs_f64();
+        step_seconds += secs;
         let ev = TrainEvent::Step {
             step: st.step,
             total_steps,
@@ -533,7 +539,7 @@ pub fn train(
     let file = to_lora_file(spec, &lora, &names, &final_params, &meta)?;
     crate::export::gguf_lora::write(&adapter_path, &file, false)?;
     save(&mut st, &packer)?;
-    let seconds = started.elapsed().as_secs_f64();
+    let seconds = step_seconds;
     let summary = TrainSummary {
         steps: st.step,
         skipped_steps: st.skipped,

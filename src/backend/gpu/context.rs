@@ -30,7 +30,7 @@ pub struct GpuOptions {
 /// One adapter as `edgetune info --devices` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct AdapterSummary {
-    /// Position in the list (usable as `--adapter N`).
+    /// Position in the list (usable as `--gpu-adapter N`).
     pub index: usize,
     /// The driver's name for the device.
     pub name: String,
@@ -190,7 +190,7 @@ impl GpuContext {
                 if best.get_info().device_type == wgpu::DeviceType::Cpu && !opts.allow_software {
                     return Err(Error::Gpu(format!(
                         "only a software adapter ({}) is present; ask for it with --device gpu \
-                         or --adapter",
+                         or --gpu-adapter",
                         best.get_info().name
                     )));
                 }

@@ -32,32 +32,60 @@ impl Rows<'_> {
     }
 }
 
-/// Masked, scaled scores of one head turned into probabilities in place;
-/// returns each row's log-sum-exp.
-fn softmax_rows(s: &mut [f32], rows: &Rows, b: usize, geom: &AttnGeom) -> Vec<f32> {
-    let t_len = rows.seq;
-    let mut lse = vec![0.0; t_len];
-    for t in 0..t_len {
-        let lo = rows.lo(b, t, geom.window);
-        let r = &mut s[t * t_len..(t + 1) * t_len];
-        let mut m = f32::NEG_INFINITY;
-        for v in &mut r[lo..=t] {
-            *v *= geom.scale;
-            m = m.max(*v);
-        }
-        let mut sum = 0.0;
-        for v in &mut r[lo..=t] {
-            *v = (*v - m).exp();
-            sum += *v;
-        }
-        for v in &mut r[lo..=t] {
-            *v /= sum;
+/// Queries per block: a block's scores cover only the keys its queries can
+/// see, so the causal upper triangle is never computed.
+const QB: usize = 64;
+
+/// The keys `lo..t1` that queries `t0..t1` of sequence `b` see.
+fn block_keys(rows: &Rows, b: usize, t0: usize, t1: usize, window: Option<usize>) -> usize {
+    (t0..t1).map(|t| rows.lo(b, t, window)).min().unwrap_or(t0)
+}
+
+/// Scores `s (t1−t0, t1−k0)` of one block turned into probabilities in
+/// place, with `p = exp(scale·s − lse)` when `lse` is given (backward) or
+/// a fresh softmax whose log-sum-exp is written to `lse_out` (forward).
+#[allow(clippy::too_many_arguments)]
+fn probabilities(
+    s: &mut [f32],
+    rows: &Rows,
+    b: usize,
+    (t0, t1, k0): (usize, usize, usize),
+    geom: &AttnGeom,
+    lse_in: Option<&dyn Fn(usize) -> f32>,
+    lse_out: &mut [f32],
+) {
+    let w = t1 - k0;
+    for t in t0..t1 {
+        let lo = rows.lo(b, t, geom.window) - k0;
+        let hi = t - k0;
+        let r = &mut s[(t - t0) * w..(t - t0 + 1) * w];
+        match lse_in {
+            Some(lse) => {
+                let l = lse(t);
+                for v in &mut r[lo..=hi] {
+                    *v = (*v * geom.scale - l).exp();
+                }
+            }
+            None => {
+                let mut m = f32::NEG_INFINITY;
+                for v in &mut r[lo..=hi] {
+                    *v *= geom.scale;
+                    m = m.max(*v);
+                }
+                let mut sum = 0.0;
+                for v in &mut r[lo..=hi] {
+                    *v = (*v - m).exp();
+                    sum += *v;
+                }
+                for v in &mut r[lo..=hi] {
+                    *v /= sum;
+                }
+                lse_out[t - t0] = m + sum.ln();
+            }
         }
         r[..lo].fill(0.0);
-        r[t + 1..].fill(0.0);
-        lse[t] = m + sum.ln();
+        r[hi + 1..].fill(0.0);
     }
-    lse
 }
 
 /// `o (N, H·d)` and `lse (N, H)` from `q (N, H·d)`, `k`, `v (N, Hkv·d)`.
@@ -81,32 +109,30 @@ pub fn attention_forward(
             let qs = &q[b * t_len * qd + h * d..];
             let ks = &k[b * t_len * kvd + kvh * d..];
             let vs = &v[b * t_len * kvd + kvh * d..];
-            let mut s = vec![0.0; t_len * t_len];
-            let qo = Operand::new(qs, qd);
-            matmul_into(
-                t_len,
-                t_len,
-                d,
-                qo,
-                Operand::new(ks, kvd).t(),
-                &mut s,
-                t_len,
-                false,
-                1,
-            );
-            let l = softmax_rows(&mut s, rows, b, geom);
             let mut out = vec![0.0; t_len * d];
-            matmul_into(
-                t_len,
-                d,
-                t_len,
-                Operand::new(&s, t_len),
-                Operand::new(vs, kvd),
-                &mut out,
-                d,
-                false,
-                1,
-            );
+            let mut l = vec![0.0; t_len];
+            let mut s = vec![0.0; QB * t_len];
+            for t0 in (0..t_len).step_by(QB) {
+                let t1 = (t0 + QB).min(t_len);
+                let k0 = block_keys(rows, b, t0, t1, geom.window);
+                let (m, w) = (t1 - t0, t1 - k0);
+                let qo = Operand::new(&qs[t0 * qd..], qd);
+                let ko = Operand::new(&ks[k0 * kvd..], kvd).t();
+                matmul_into(m, w, d, qo, ko, &mut s, w, false, 1);
+                probabilities(&mut s, rows, b, (t0, t1, k0), geom, None, &mut l[t0..t1]);
+                let vo = Operand::new(&vs[k0 * kvd..], kvd);
+                matmul_into(
+                    m,
+                    d,
+                    w,
+                    Operand::new(&s, w),
+                    vo,
+                    &mut out[t0 * d..],
+                    d,
+                    false,
+                    1,
+                );
+            }
             (b, h, out, l)
         })
         .collect();
@@ -134,8 +160,9 @@ pub struct AttnSaved<'a> {
 }
 
 /// `dq`, `dk`, `dv` from `do`: per (sequence, kv head), for each query head
-/// of the group, `P = exp(S − lse)`, `dV += Pᵀ·dO`, `dP = dO·Vᵀ`,
-/// `dS = P ⊙ (dP − rowsum(dO ⊙ O)) · scale`, `dQ = dS·K`, `dK += dSᵀ·Q`.
+/// of the group and each block of queries, `P = exp(S − lse)`,
+/// `dV += Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − rowsum(dO ⊙ O)) · scale`,
+/// `dQ = dS·K`, `dK += dSᵀ·Q` — blocks in order, so sums are deterministic.
 #[allow(clippy::too_many_arguments)]
 pub fn attention_backward(
     s: &AttnSaved,
@@ -158,88 +185,48 @@ pub fn attention_backward(
             let vs = &s.v[b * t_len * kvd + kvh * d..];
             let (mut dk_l, mut dv_l) = (vec![0.0; t_len * d], vec![0.0; t_len * d]);
             let mut dqs = Vec::with_capacity(group);
-            let mut p = vec![0.0; t_len * t_len];
-            let mut dp = vec![0.0; t_len * t_len];
+            let mut p = vec![0.0; QB * t_len];
+            let mut dp = vec![0.0; QB * t_len];
+            let mut unused = [0.0f32; 0];
             for h in kvh * group..(kvh + 1) * group {
                 let base = b * t_len * qd + h * d;
                 let (qs, dos, os) = (&s.q[base..], &d_o[base..], &s.o[base..]);
-                matmul_into(
-                    t_len,
-                    t_len,
-                    d,
-                    Operand::new(qs, qd),
-                    Operand::new(ks, kvd).t(),
-                    &mut p,
-                    t_len,
-                    false,
-                    1,
-                );
-                for t in 0..t_len {
-                    let lo = rows.lo(b, t, geom.window);
-                    let l = s.lse[(b * t_len + t) * h_n + h];
-                    let r = &mut p[t * t_len..(t + 1) * t_len];
-                    for x in &mut r[lo..=t] {
-                        *x = (*x * geom.scale - l).exp();
-                    }
-                    r[..lo].fill(0.0);
-                    r[t + 1..].fill(0.0);
-                }
-                let dop = Operand::new(dos, qd);
-                matmul_into(
-                    t_len,
-                    d,
-                    t_len,
-                    Operand::new(&p, t_len).t(),
-                    dop,
-                    &mut dv_l,
-                    d,
-                    true,
-                    1,
-                );
-                matmul_into(
-                    t_len,
-                    t_len,
-                    d,
-                    dop,
-                    Operand::new(vs, kvd).t(),
-                    &mut dp,
-                    t_len,
-                    false,
-                    1,
-                );
-                for t in 0..t_len {
-                    let dot: f32 = (0..d).map(|c| dos[t * qd + c] * os[t * qd + c]).sum();
-                    let (pr, dr) = (
-                        &p[t * t_len..(t + 1) * t_len],
-                        &mut dp[t * t_len..(t + 1) * t_len],
-                    );
-                    for (x, &pv) in dr.iter_mut().zip(pr) {
-                        *x = pv * (*x - dot) * geom.scale;
-                    }
-                }
                 let mut dq_h = vec![0.0; t_len * d];
-                matmul_into(
-                    t_len,
-                    d,
-                    t_len,
-                    Operand::new(&dp, t_len),
-                    Operand::new(ks, kvd),
-                    &mut dq_h,
-                    d,
-                    false,
-                    1,
-                );
-                matmul_into(
-                    t_len,
-                    d,
-                    t_len,
-                    Operand::new(&dp, t_len).t(),
-                    Operand::new(qs, qd),
-                    &mut dk_l,
-                    d,
-                    true,
-                    1,
-                );
+                let lse = |t: usize| s.lse[(b * t_len + t) * h_n + h];
+                for t0 in (0..t_len).step_by(QB) {
+                    let t1 = (t0 + QB).min(t_len);
+                    let k0 = block_keys(rows, b, t0, t1, geom.window);
+                    let (m, w) = (t1 - t0, t1 - k0);
+                    let qo = Operand::new(&qs[t0 * qd..], qd);
+                    let ko = Operand::new(&ks[k0 * kvd..], kvd);
+                    let vo = Operand::new(&vs[k0 * kvd..], kvd);
+                    let dop = Operand::new(&dos[t0 * qd..], qd);
+                    matmul_into(m, w, d, qo, ko.t(), &mut p, w, false, 1);
+                    probabilities(&mut p, rows, b, (t0, t1, k0), geom, Some(&lse), &mut unused);
+                    matmul_into(
+                        w,
+                        d,
+                        m,
+                        Operand::new(&p, w).t(),
+                        dop,
+                        &mut dv_l[k0 * d..],
+                        d,
+                        true,
+                        1,
+                    );
+                    matmul_into(m, w, d, dop, vo.t(), &mut dp, w, false, 1);
+                    for t in t0..t1 {
+                        let i = t - t0;
+                        let dot: f32 = (0..d).map(|c| dos[t * qd + c] * os[t * qd + c]).sum();
+                        let (pr, dr) = (&p[i * w..(i + 1) * w], &mut dp[i * w..(i + 1) * w]);
+                        for (x, &pv) in dr.iter_mut().zip(pr) {
+                            *x = pv * (*x - dot) * geom.scale;
+                        }
+                    }
+                    let ds = Operand::new(&dp, w);
+                    matmul_into(m, d, w, ds, ko, &mut dq_h[t0 * d..], d, false, 1);
+                    matmul_into(w, d, m, ds.t(), qo, &mut dk_l[k0 * d..], d, true, 1);
+                }
                 dqs.push(dq_h);
             }
             (b, kvh, dqs, dk_l, dv_l)

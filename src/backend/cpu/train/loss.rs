@@ -3,22 +3,30 @@
 //! `chunk × vocab` logits exist at a time (never `tokens × vocab`).
 
 use crate::backend::cpu::gemm::{Operand, matmul_into};
-use crate::backend::cpu::matmul::{QMatrix, matmul};
+use crate::backend::cpu::matmul::QMatrix;
 use rayon::prelude::*;
 
-/// Vocabulary rows decoded per task in the gradient product.
-const BAND: usize = 256;
-/// Groups of bands summed separately (in parallel) and then in order.
-const GROUPS: usize = 8;
+/// Vocabulary rows decoded to f32 at a time.
+pub const BLOCK: usize = 4096;
+
+/// Decode rows `r0..r0 + out.len() / cols` of `w` into `out`, in parallel.
+fn decode_rows(w: &QMatrix, r0: usize, out: &mut [f32]) {
+    out.par_chunks_mut(w.cols)
+        .enumerate()
+        .for_each(|(i, row)| w.dequantize_row(r0 + i, row));
+}
 
 /// Summed NLL and its input gradient.
 ///
 /// - `h (N, C)`: final hidden states; `w (V, C)`: the frozen output matrix
 /// - `targets (N)`: token to predict, `u32::MAX` for none
 /// - `dx (N, C)` ← `loss_scale · ∂(Σ NLL)/∂h`
-/// - `logits`: scratch of at least `chunk × V`
+/// - `logits`: scratch of at least `chunk × V`; `wblock`: of `BLOCK × C`
+/// - rows are taken `chunk` target rows at a time; rows without a target
+///   get `dx = 0` and no logits
 ///
 /// Returns (Σ NLL over targets in f64, number of targets).
+#[allow(clippy::too_many_arguments)]
 pub fn loss_head(
     h: &[f32],
     w: &QMatrix,
@@ -26,83 +34,65 @@ pub fn loss_head(
     loss_scale: f32,
     chunk: usize,
     logits: &mut [f32],
+    wblock: &mut [f32],
     dx: &mut [f32],
+    threads: usize,
 ) -> (f64, usize) {
     let (c, v) = (w.cols, w.rows);
     let mut total = 0.0f64;
     let mut count = 0usize;
-    for (ci, (hc, dxc)) in h
-        .chunks(chunk * c)
-        .zip(dx.chunks_mut(chunk * c))
-        .enumerate()
-    {
-        let rows = hc.len() / c;
-        let tc = &targets[ci * chunk..ci * chunk + rows];
-        if tc.iter().all(|&t| t == u32::MAX) {
-            dxc.fill(0.0);
-            continue;
+    // Only rows with a target need logits: prompt, padding and
+    // end-of-example rows cost nothing here.
+    let rows_with_target: Vec<usize> = (0..targets.len())
+        .filter(|&r| targets[r] != u32::MAX && (targets[r] as usize) < v)
+        .collect();
+    dx.fill(0.0);
+    let mut hc = vec![0.0f32; chunk.min(rows_with_target.len()) * c];
+    let mut dxc = vec![0.0f32; hc.len()];
+    for idx in rows_with_target.chunks(chunk) {
+        let rows = idx.len();
+        let (hc, dxc) = (&mut hc[..rows * c], &mut dxc[..rows * c]);
+        for (dst, &r) in hc.chunks_exact_mut(c).zip(idx) {
+            dst.copy_from_slice(&h[r * c..(r + 1) * c]);
         }
         let lg = &mut logits[..rows * v];
-        matmul(hc, w, lg);
-        let per_row: Vec<(f64, usize)> = lg
-            .par_chunks_mut(v)
-            .zip(tc.par_iter())
-            .map(|(r, &t)| {
-                if t == u32::MAX || t as usize >= v {
-                    r.fill(0.0);
-                    return (0.0, 0);
-                }
-                let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f64 = r.iter().map(|&x| ((x - m) as f64).exp()).sum();
-                let lse = m as f64 + sum.ln();
-                let nll = lse - r[t as usize] as f64;
-                for x in r.iter_mut() {
-                    *x = ((*x as f64 - lse).exp() as f32) * loss_scale;
-                }
-                r[t as usize] -= loss_scale;
-                (nll, 1)
-            })
-            .collect();
-        for (nll, n) in per_row {
-            total += nll;
-            count += n;
+        // logits = h · Wᵀ, one block of vocabulary rows decoded at a time.
+        for r0 in (0..v).step_by(BLOCK) {
+            let nr = BLOCK.min(v - r0);
+            let wf = &mut wblock[..nr * c];
+            decode_rows(w, r0, wf);
+            let (a, b) = (Operand::new(hc, c), Operand::new(wf, c).t());
+            matmul_into(rows, nr, c, a, b, &mut lg[r0..], v, false, threads);
         }
-        // dx = dlogits · W, summed over bands of the vocabulary: a fixed
-        // number of groups of bands, each summed in order and the groups
-        // added in order, so the result does not depend on scheduling.
-        let lg: &[f32] = lg;
-        let bands = v.div_ceil(BAND);
-        let per_group = bands.div_ceil(GROUPS);
-        let partials: Vec<Vec<f32>> = (0..bands.div_ceil(per_group))
-            .into_par_iter()
-            .map(|grp| {
-                let mut acc = vec![0.0f32; rows * c];
-                let mut scratch = vec![0.0f32; BAND * c];
-                for band in grp * per_group..((grp + 1) * per_group).min(bands) {
-                    let r0 = band * BAND;
-                    let nr = BAND.min(v - r0);
-                    for i in 0..nr {
-                        w.dequantize_row(r0 + i, &mut scratch[i * c..(i + 1) * c]);
-                    }
-                    let a = Operand::new(&lg[r0..], v);
-                    matmul_into(
-                        rows,
-                        c,
-                        nr,
-                        a,
-                        Operand::new(&scratch, c),
-                        &mut acc,
-                        c,
-                        true,
-                        1,
-                    );
+        let nll: Vec<f64> = lg
+            .par_chunks_mut(v)
+            .zip(idx.par_iter())
+            .map(|(r, &row)| {
+                let t = targets[row] as usize;
+                let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let sum: f64 = r.iter().map(|&x| f64::from((x - m).exp())).sum();
+                let lse = m + sum.ln() as f32;
+                let nll = f64::from(lse - r[t]);
+                for x in r.iter_mut() {
+                    *x = (*x - lse).exp() * loss_scale;
                 }
-                acc
+                r[t] -= loss_scale;
+                nll
             })
             .collect();
+        total += nll.iter().sum::<f64>();
+        count += rows;
+        // dx = dlogits · W, block by block in order (deterministic).
         dxc.fill(0.0);
-        for p in partials {
-            dxc.iter_mut().zip(&p).for_each(|(x, y)| *x += y);
+        for r0 in (0..v).step_by(BLOCK) {
+            let nr = BLOCK.min(v - r0);
+            let wf = &mut wblock[..nr * c];
+            decode_rows(w, r0, wf);
+            let (a, b) = (Operand::new(&lg[r0..], v), Operand::new(wf, c));
+            matmul_into(rows, c, nr, a, b, dxc, c, true, threads);
+        }
+        for (src, &r) in dxc.chunks_exact(c).zip(idx) {
+            dx[r * c..(r + 1) * c].copy_from_slice(src);
         }
     }
     (total, count)

@@ -12,7 +12,7 @@ pub mod ops;
 mod tests;
 
 use super::gemm::{Operand, matmul_into};
-use super::matmul::{QMatrix, matmul};
+use super::matmul::QMatrix;
 use crate::graph::{Graph, MemoryPlan, Op, StepInputs, TensorId, TensorKind};
 use crate::model::{Model, Rope};
 use crate::{Error, Result};
@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Tokens per chunk of the loss head (bounds its logits to `chunk × vocab`).
-pub const DEFAULT_LOSS_CHUNK: usize = 128;
+pub const DEFAULT_LOSS_CHUNK: usize = 256;
 
 /// Time spent per op kind in one or more steps.
 #[derive(Debug, Clone, Default)]
@@ -53,6 +53,7 @@ pub struct CpuStep<'m> {
     ropes: Vec<(Rope, Vec<(f32, f32)>)>,
     wscratch: Vec<f32>,
     logits: Vec<f32>,
+    wblock: Vec<f32>,
     loss_chunk: usize,
     threads: usize,
     pool: Arc<rayon::ThreadPool>,
@@ -67,12 +68,14 @@ pub fn workspace_bytes(g: &Graph, loss_chunk: usize, n_vocab: usize) -> u64 {
         .nodes
         .iter()
         .filter_map(|n| match n.op {
-            Op::LinearBackX { w } => Some(g.frozen[w].numel()),
+            Op::Linear { w } | Op::LinearBackX { w } => Some(g.frozen[w].numel()),
             _ => None,
         })
         .max()
         .unwrap_or(0);
-    4 * (widest + loss_chunk.min(g.n_tokens()) * n_vocab) as u64
+    4 * (widest
+        + loss_chunk.min(g.n_tokens()) * n_vocab
+        + loss::BLOCK.min(n_vocab) * g.frozen[0].cols) as u64
 }
 
 impl<'m> CpuStep<'m> {
@@ -104,7 +107,7 @@ impl<'m> CpuStep<'m> {
             .nodes
             .iter()
             .filter_map(|n| match n.op {
-                Op::LinearBackX { w } => Some(graph.frozen[w].numel()),
+                Op::Linear { w } | Op::LinearBackX { w } => Some(graph.frozen[w].numel()),
                 _ => None,
             })
             .max()
@@ -113,6 +116,7 @@ impl<'m> CpuStep<'m> {
             arena: vec![0.0; plan.arena_len],
             wscratch: vec![0.0; widest],
             logits: vec![0.0; loss_chunk * n_vocab],
+            wblock: vec![0.0; loss::BLOCK.min(n_vocab) * model.spec().n_embd],
             loss_chunk,
             threads: if threads == 0 {
                 std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -266,7 +270,15 @@ impl<'m> CpuStep<'m> {
                     ops::rms_norm_backward(read(i[0]), read(i[1]), wv, *eps, write(o[0]));
                 }
                 Op::Linear { w } => {
-                    matmul(read(i[0]), self.matrices[*w].as_ref().unwrap(), write(o[0]));
+                    let m = self.matrices[*w].as_ref().unwrap();
+                    let wf = &mut self.wscratch[..m.rows * m.cols];
+                    wf.par_chunks_mut(m.cols)
+                        .enumerate()
+                        .for_each(|(r, row)| m.dequantize_row(r, row));
+                    let x = read(i[0]);
+                    let n = x.len() / m.cols;
+                    let (a, b) = (Operand::new(x, m.cols), Operand::new(wf, m.cols).t());
+                    matmul_into(n, m.rows, m.cols, a, b, write(o[0]), m.rows, false, threads);
                 }
                 Op::LinearBackX { w } => {
                     let m = self.matrices[*w].as_ref().unwrap();
@@ -297,6 +309,17 @@ impl<'m> CpuStep<'m> {
                         Operand::new(read(i[1]), p.cols).t(),
                     );
                     matmul_into(n, p.rows, p.cols, a, b, write(o[0]), p.rows, false, threads);
+                }
+                Op::MatmulTAdd => {
+                    let (x, p) = (read(i[1]), g.shape(i[2]));
+                    let n = x.len() / p.cols;
+                    let out = write(o[0]);
+                    out.copy_from_slice(read(i[0]));
+                    let (a, b) = (
+                        Operand::new(x, p.cols),
+                        Operand::new(read(i[2]), p.cols).t(),
+                    );
+                    matmul_into(n, p.rows, p.cols, a, b, out, p.rows, true, threads);
                 }
                 Op::MatmulNN => {
                     let (dy, p) = (read(i[0]), g.shape(i[1]));
@@ -377,7 +400,9 @@ impl<'m> CpuStep<'m> {
                         inp.loss_scale,
                         self.loss_chunk,
                         &mut self.logits,
+                        &mut self.wblock,
                         write(o[1]),
+                        threads,
                     );
                     let l = write(o[0]);
                     l[0] = sum as f32;

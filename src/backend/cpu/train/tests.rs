@@ -183,7 +183,8 @@ fn loss_head_gradient_matches_finite_differences() {
     let targets = [3u32, u32::MAX, 10, 0, 7];
     let mut logits = vec![0.0; 2 * vocab];
     let mut dx = vec![0.0; n * c];
-    let (sum, count) = loss_head(&h, &m, &targets, 0.25, 2, &mut logits, &mut dx);
+    let mut wb = vec![0.0; super::loss::BLOCK * c];
+    let (sum, count) = loss_head(&h, &m, &targets, 0.25, 2, &mut logits, &mut wb, &mut dx, 2);
     assert_eq!(count, 4);
     assert!(sum > 0.0);
     // Row 1 has no target: no gradient.
@@ -191,7 +192,7 @@ fn loss_head_gradient_matches_finite_differences() {
     check_grad("loss_head", &h, &dx, 1, &mut |x| {
         let mut lg = vec![0.0; 2 * vocab];
         let mut d = vec![0.0; n * c];
-        0.25 * loss_head(x, &m, &targets, 0.25, 2, &mut lg, &mut d).0
+        0.25 * loss_head(x, &m, &targets, 0.25, 2, &mut lg, &mut wb, &mut d, 1).0
     });
 }
 
@@ -350,5 +351,53 @@ fn graph_loss_equals_the_inference_path() {
             "{sum} vs {want} ({})",
             cfg.arch
         );
+    }
+}
+
+#[test]
+fn attention_over_several_query_blocks_matches_finite_differences() {
+    // 150 tokens: three blocks of queries, a segment starting mid-block.
+    let seq = 150;
+    let seg: Vec<u32> = (0..seq as u32)
+        .map(|t| if t < 70 { 0 } else { 70 })
+        .collect();
+    let rows = Rows {
+        batch: 1,
+        seq,
+        seg_start: &seg,
+    };
+    for window in [None, Some(40)] {
+        let geom = AttnGeom {
+            n_head: 2,
+            n_kv_head: 1,
+            head_dim: 4,
+            scale: 0.5,
+            window,
+        };
+        let q = values(20, seq * 8, 1.0);
+        let k = values(21, seq * 4, 1.0);
+        let v = values(22, seq * 4, 1.0);
+        let r = values(23, seq * 8, 1.0);
+        let mut o = vec![0.0; seq * 8];
+        let mut lse = vec![0.0; seq * 2];
+        attention_forward(&q, &k, &v, &rows, &geom, &mut o, &mut lse);
+        let saved = AttnSaved {
+            q: &q,
+            k: &k,
+            v: &v,
+            o: &o,
+            lse: &lse,
+        };
+        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+        attention_backward(&saved, &r, &rows, &geom, &mut dq, &mut dk, &mut dv);
+        let f = |q: &[f32], k: &[f32], v: &[f32]| {
+            let mut o = vec![0.0; seq * 8];
+            let mut lse = vec![0.0; seq * 2];
+            attention_forward(q, k, v, &rows, &geom, &mut o, &mut lse);
+            dot(&o, &r)
+        };
+        check_grad("attention.q", &q, &dq, 7, &mut |x| f(x, &k, &v));
+        check_grad("attention.k", &k, &dk, 5, &mut |x| f(&q, x, &v));
+        check_grad("attention.v", &v, &dv, 5, &mut |x| f(&q, &k, x));
     }
 }
