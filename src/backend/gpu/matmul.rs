@@ -180,6 +180,24 @@ impl GpuWeight {
     pub fn bytes(&self) -> u64 {
         self.parts.iter().map(|p| p.buffer.size()).sum()
     }
+
+    /// The matrix as the training kernels take it: its parts, borrowed.
+    pub fn quant_matrix(&self) -> super::train::QuantMatrix<'_> {
+        super::train::QuantMatrix {
+            ty: self.ty,
+            rows: self.rows,
+            cols: self.cols,
+            parts: self
+                .parts
+                .iter()
+                .map(|p| super::train::QuantPart {
+                    buffer: &p.buffer,
+                    row0: p.row0,
+                    rows: p.rows,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// Where a matmul reads and writes (all offsets/strides in f32 elements).

@@ -10,6 +10,10 @@ mod decoder;
 pub mod matmul;
 pub mod ops;
 mod session;
+pub mod train;
+mod train_step;
+#[cfg(test)]
+mod train_tests;
 
 pub use context::{AdapterSummary, GpuContext, GpuOptions, list_adapters};
 pub(crate) use context::{Dispatch, groups_1d};
@@ -17,6 +21,7 @@ pub use decoder::GpuDecoder;
 pub use matmul::GpuWeight;
 pub use ops::KvFormat;
 pub use session::GpuSession;
+pub use train_step::GpuStep;
 
 #[cfg(test)]
 pub(crate) mod testing {

@@ -1,0 +1,233 @@
+//! Whole training steps of tiny llama and gemma3 models with LoRA on every
+//! target (dropout, B not zero) against the CPU executor: the loss, and
+//! every parameter gradient, with the full plan, with every layer
+//! recomputed, and with the frozen weights split over small bindings.
+//! Each prints its worst errors (`--nocapture`); skipped where no GPU opens.
+
+use super::GpuStep;
+use crate::backend::cpu::train::CpuStep;
+use crate::backend::gpu::{GpuContext, testing};
+use crate::graph::{DecoderGraph, Graph, MemoryPlan, StepInputs, autodiff, plan};
+use crate::model::Model;
+use crate::model::tiny::{Cfg, values, write_model};
+use crate::peft::Method;
+use crate::peft::lora::{Lora, LoraConfig};
+use crate::quant::GgmlType;
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+/// A packed batch of two sequences of 8: row 0 one example, row 1 two (the
+/// second starting at 5); token 1's target masked as a prompt's would be
+/// (as `backend::cpu::train::tests::tiny_batch`).
+struct TinyBatch {
+    tokens: Vec<u32>,
+    targets: Vec<u32>,
+    positions: Vec<u32>,
+    seg_start: Vec<u32>,
+}
+
+fn tiny_batch(vocab: u32) -> TinyBatch {
+    let tokens: Vec<u32> = (0..16).map(|i| (i * 7 + 3) % vocab).collect();
+    let seg_start: Vec<u32> = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 5, 5].to_vec();
+    let positions: Vec<u32> = (0..16).map(|i| (i % 8) - seg_start[i as usize]).collect();
+    let mut targets = vec![u32::MAX; 16];
+    for i in 0..16 {
+        if i % 8 != 7 && seg_start[i + 1] == seg_start[i] && i != 1 {
+            targets[i] = tokens[i + 1];
+        }
+    }
+    TinyBatch {
+        tokens,
+        targets,
+        positions,
+        seg_start,
+    }
+}
+
+fn inputs(b: &TinyBatch, loss_scale: f32) -> StepInputs<'_> {
+    StepInputs {
+        tokens: &b.tokens,
+        targets: &b.targets,
+        positions: &b.positions,
+        seg_start: &b.seg_start,
+        loss_scale,
+        seed: 5,
+    }
+}
+
+/// A tiny model, its LoRA graph (rank 2, every target, `dropout`), and
+/// parameters with B not zero (so that A's gradients are not zero).
+struct Setup {
+    _dir: tempfile::TempDir,
+    model: Model,
+    graph: Graph,
+    params: Vec<Vec<f32>>,
+    batch: TinyBatch,
+}
+
+fn setup(cfg: &Cfg, dropout: f32) -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_model(cfg, &path);
+    let model = Model::open(&path).unwrap();
+    let lora_cfg = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        dropout,
+        ..LoraConfig::default()
+    };
+    let lora = Lora::new(lora_cfg, model.spec().layers.len()).unwrap();
+    let mut graph = DecoderGraph::build(model.spec(), 2, 8, &lora);
+    autodiff::differentiate(&mut graph).unwrap();
+    let mut params = lora.init(&graph, 3);
+    for (p, v) in graph.params.iter().zip(params.iter_mut()) {
+        if p.name.ends_with("lora_b") {
+            *v = values(p.tensor as u64, v.len(), 0.3);
+        }
+    }
+    Setup {
+        _dir: dir,
+        model,
+        graph,
+        params,
+        batch: tiny_batch(cfg.n_vocab as u32),
+    }
+}
+
+/// The CPU's (Σ NLL, count) and gradients at loss scale `scale`.
+fn cpu_step(s: &Setup, scale: f32) -> ((f64, usize), Vec<Vec<f32>>) {
+    let plan = MemoryPlan::new(&s.graph);
+    let mut step = CpuStep::new(&s.model, s.graph.clone(), plan, 2).unwrap();
+    let loss = step.run(&inputs(&s.batch, scale), &s.params).unwrap();
+    let grads = (0..s.graph.params.len())
+        .map(|i| step.grad(i).to_vec())
+        .collect();
+    (loss, grads)
+}
+
+/// Runs `graph` on the GPU and checks it against the CPU's loss (relative
+/// 1e-4) and gradients (1e-3 of each tensor's largest |grad|). Returns the
+/// step (for more runs) and the worst (loss, gradient) errors.
+fn check_gpu(
+    ctx: &Arc<GpuContext>,
+    s: &Setup,
+    graph: Graph,
+    scale: f32,
+    want: &((f64, usize), Vec<Vec<f32>>),
+    what: &str,
+) -> (GpuStep, f64, f32) {
+    let plan = MemoryPlan::new(&graph);
+    let mut step = GpuStep::new(ctx.clone(), &s.model, graph, plan).unwrap();
+    let (sum, count) = step.run(&inputs(&s.batch, scale), &s.params).unwrap();
+    let ((want_sum, want_count), want_grads) = want;
+    assert_eq!(count, *want_count, "{what}: target count");
+    let loss_err = (sum - want_sum).abs() / want_sum.abs();
+    assert!(loss_err < 1e-4, "{what}: loss {sum} vs cpu {want_sum}");
+    let mut worst = (0.0f32, String::new());
+    for (i, want) in want_grads.iter().enumerate() {
+        let name = &s.graph.params[i].name;
+        let got = step.grad(i).unwrap();
+        let range = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        assert!(range > 0.0, "{what}: {name}: the cpu gradient is zero");
+        for (j, (g, w)) in got.iter().zip(want).enumerate() {
+            let e = (g - w).abs() / range;
+            assert!(
+                e <= 1e-3,
+                "{what}: {name}[{j}]: gpu {g} vs cpu {w} (error {e:.2e} of the largest {range})"
+            );
+            if e > worst.0 {
+                worst = (e, name.clone());
+            }
+        }
+    }
+    eprintln!(
+        "{what}: {} dispatches, loss error {loss_err:.2e}, worst gradient error {:.2e} ({})",
+        step.dispatches(),
+        worst.0,
+        worst.1
+    );
+    (step, loss_err, worst.0)
+}
+
+/// The full plan, then every layer recomputed, on `ctx`.
+fn check_model(ctx: &Arc<GpuContext>, cfg: &Cfg, dropout: f32, recompute: bool) -> GpuStep {
+    let s = setup(cfg, dropout);
+    let count = s.batch.targets.iter().filter(|&&t| t != u32::MAX).count();
+    let scale = 1.0 / count as f32;
+    let want = cpu_step(&s, scale);
+    let what = format!("{} {}", cfg.arch, cfg.ty);
+    let (step, _, _) = check_gpu(ctx, &s, s.graph.clone(), scale, &want, &what);
+    if recompute {
+        let all: BTreeSet<usize> = (0..s.model.spec().layers.len()).collect();
+        let rg = plan::recompute_layers(&s.graph, &all);
+        check_gpu(ctx, &s, rg, scale, &want, &format!("{what} recomputed"));
+    }
+    step
+}
+
+fn gemma3_cfg() -> Cfg {
+    // A window of 3 over rows of 8 bites in both layers.
+    let mut cfg = Cfg::gemma3(GgmlType::Q4_0, 3);
+    cfg.n_layer = 2;
+    cfg
+}
+
+#[test]
+fn tiny_llama_step_matches_cpu_full_and_recomputed() {
+    let Some(ctx) = testing::context() else {
+        return;
+    };
+    let mut step = check_model(&ctx, &Cfg::llama(GgmlType::Q8_0, 2), 0.1, true);
+    // Inputs are checked before anything is written.
+    let b = tiny_batch(50);
+    let s = setup(&Cfg::llama(GgmlType::Q8_0, 2), 0.1);
+    let mut bad = |f: &dyn Fn(&mut TinyBatch), params: &[Vec<f32>], msg: &str| {
+        let mut b2 = TinyBatch {
+            tokens: b.tokens.clone(),
+            targets: b.targets.clone(),
+            positions: b.positions.clone(),
+            seg_start: b.seg_start.clone(),
+        };
+        f(&mut b2);
+        let e = step.run(&inputs(&b2, 1.0), params).unwrap_err().to_string();
+        assert!(e.contains(msg), "{e:?} does not say {msg:?}");
+    };
+    bad(
+        &|b| {
+            b.tokens.pop();
+        },
+        &s.params,
+        "tokens has 15",
+    );
+    bad(&|b| b.tokens[3] = 50, &s.params, "outside the vocabulary");
+    bad(&|b| b.positions[9] = 8, &s.params, "position 8");
+    bad(&|b| b.seg_start[2] = 3, &s.params, "segment start 3");
+    bad(&|_| (), &s.params[1..], "parameter tensors given");
+    let mut short = s.params.clone();
+    short[0].pop();
+    bad(&|_| (), &short, "values, expected");
+}
+
+#[test]
+fn tiny_gemma3_step_matches_cpu_with_dropout_and_window_full_and_recomputed() {
+    let Some(ctx) = testing::context() else {
+        return;
+    };
+    check_model(&ctx, &gemma3_cfg(), 0.1, true);
+}
+
+#[test]
+fn steps_match_cpu_with_frozen_weights_split_over_small_bindings() {
+    let Some(ctx) = testing::context_small_bindings() else {
+        return;
+    };
+    for cfg in [Cfg::llama(GgmlType::Q8_0, 2), gemma3_cfg()] {
+        // The feed-forward matrices are split in two parts or more.
+        let bytes = cfg.n_ff * cfg.ty.row_bytes(cfg.n_embd).unwrap();
+        assert!(
+            bytes as u64 > ctx.max_binding(),
+            "{bytes} bytes fit one binding"
+        );
+        check_model(&ctx, &cfg, 0.1, false);
+    }
+}
