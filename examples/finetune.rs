@@ -84,6 +84,7 @@ fn main() -> edgetune::Result<()> {
         out: &out,
         config,
         threads: 0,
+        device: Default::default(),
         resume: out.join(edgetune::train::CHECKPOINT_FILE).exists(),
     };
     let summary = train(&req, &mut |event| {

@@ -410,10 +410,12 @@ fn train_names_a_bad_data_line_before_any_work() {
         "--out",
         out.to_str().unwrap(),
         "--device",
-        "gpu",
+        "cpu",
+        "--gpu-adapter",
+        "0",
     ]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("GPU training"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("--gpu-adapter"), "{}", stderr(&o));
     let o = edgetune(&[
         "train",
         data.to_str().unwrap(),

@@ -121,3 +121,83 @@ pub(crate) fn check_targets(s: &DecoderSpec, tokens: &[u32], targets: &[u32]) ->
     }
     Ok(())
 }
+
+/// A planned training step prepared on one device: runs forward, loss and
+/// backward over the step's inputs and hands back parameter gradients.
+pub trait TrainStep {
+    /// `"cpu"` or `"gpu"`.
+    fn backend(&self) -> &'static str;
+    /// Run the step with `params[i]` as parameter `i`; returns (Σ NLL over
+    /// targets, number of targets).
+    fn run(
+        &mut self,
+        inputs: &crate::graph::StepInputs,
+        params: &[Vec<f32>],
+    ) -> Result<(f64, usize)>;
+    /// Copy parameter `i`'s gradient into `out`; `accumulate` adds to it.
+    fn read_grad(&self, i: usize, out: &mut [f32], accumulate: bool) -> Result<()>;
+    /// Time per op kind since profiling was enabled, if the backend keeps it.
+    fn profile(&self) -> Option<&cpu::train::StepProfile> {
+        None
+    }
+    /// Start (or restart) per-op timing, where the backend supports it.
+    fn enable_profile(&mut self) {}
+    /// Device work items of one step (GPU dispatches; CPU: graph nodes).
+    fn launches(&self) -> usize;
+}
+
+impl TrainStep for cpu::train::CpuStep<'_> {
+    fn backend(&self) -> &'static str {
+        "cpu"
+    }
+    fn run(
+        &mut self,
+        inputs: &crate::graph::StepInputs,
+        params: &[Vec<f32>],
+    ) -> Result<(f64, usize)> {
+        cpu::train::CpuStep::run(self, inputs, params)
+    }
+    fn read_grad(&self, i: usize, out: &mut [f32], accumulate: bool) -> Result<()> {
+        let g = self.grad(i);
+        if accumulate {
+            out.iter_mut().zip(g).for_each(|(a, b)| *a += b);
+        } else {
+            out.copy_from_slice(g);
+        }
+        Ok(())
+    }
+    fn profile(&self) -> Option<&cpu::train::StepProfile> {
+        self.profile.as_ref()
+    }
+    fn enable_profile(&mut self) {
+        self.profile = Some(Default::default());
+    }
+    fn launches(&self) -> usize {
+        self.graph().nodes.len()
+    }
+}
+
+impl TrainStep for gpu::GpuStep {
+    fn backend(&self) -> &'static str {
+        "gpu"
+    }
+    fn run(
+        &mut self,
+        inputs: &crate::graph::StepInputs,
+        params: &[Vec<f32>],
+    ) -> Result<(f64, usize)> {
+        gpu::GpuStep::run(self, inputs, params)
+    }
+    fn read_grad(&self, i: usize, out: &mut [f32], accumulate: bool) -> Result<()> {
+        let g = self.grad(i)?;
+        if accumulate {
+            out.iter_mut().zip(&g).for_each(|(a, b)| *a += b);
+        } else {
+            out.copy_from_slice(&g);
+        }
+        Ok(())
+    }
+    fn launches(&self) -> usize {
+        self.dispatches()
+    }
+}

@@ -31,21 +31,20 @@ pub struct TrainBenchArgs {
     /// Folder holding the benchmark texts GPL-3, Apache-2.0 and GPL-2.
     #[arg(long, value_name = "DIR", default_value = "/usr/share/common-licenses")]
     text_dir: PathBuf,
-    /// Training runs on the CPU for now; `gpu` is refused.
+    /// Device to train on: `auto` takes a hardware GPU when there is one,
+    /// else the CPU; `gpu` also accepts a software adapter.
     #[arg(long, value_enum, default_value = "auto")]
     device: super::Device,
+    /// GPU adapter: part of its name or its index in `info --devices`.
+    #[arg(long, value_name = "NAME")]
+    gpu_adapter: Option<String>,
     /// Print JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(a: TrainBenchArgs) -> Result<(), Error> {
-    if matches!(a.device, super::Device::Gpu) {
-        return Err(Error::Invalid(
-            "GPU training is not available yet; benchmark the CPU with --device cpu (or auto)"
-                .into(),
-        ));
-    }
+    let device = super::train_device(a.device, a.gpu_adapter.clone())?;
     let model = Model::open(model_path(a.model.as_deref())?)?;
     let tok = Tokenizer::from_gguf(model.file())?;
     let tokens = corpus_tokens(&tok, &a.text_dir)?;
@@ -61,6 +60,7 @@ pub fn run(a: TrainBenchArgs) -> Result<(), Error> {
         recompute: a.step.recompute.into(),
         threads: a.step.threads(),
         lr: 2e-4,
+        device,
     };
     let pb = progress_bar(o.warmup + o.steps, "training steps");
     let r = bench_train(&model, &tokens, &o, &mut |done, _| {
@@ -74,6 +74,12 @@ pub fn run(a: TrainBenchArgs) -> Result<(), Error> {
     let p = &r.plan;
     let mut out = String::new();
     report!(out, "model        {}", model.file().path().display());
+    report!(
+        out,
+        "device       {} ({} launches per step)",
+        r.device,
+        r.launches
+    );
     report!(
         out,
         "config       LoRA r={} alpha={} on {} targets, batch {} × seq {}, {} threads",

@@ -268,6 +268,34 @@ pub struct AdapterArgs {
 /// not set" twice: harmless, but it reads like edgetune failing, on every
 /// command that looks for a GPU. Errors of ours are values, not prints, so
 /// nothing of edgetune's is lost.
+/// The training device for `--device` (and `--gpu-adapter`): `auto` takes
+/// a hardware GPU when there is one, else the CPU; `gpu` accepts a software
+/// adapter too.
+pub fn train_device(
+    device: Device,
+    gpu_adapter: Option<String>,
+) -> Result<edgetune::train::TrainDevice, Error> {
+    use edgetune::train::TrainDevice;
+    let ctx = |allow_software: bool| {
+        quiet_wayland_probe(|| {
+            GpuContext::new(&GpuOptions {
+                adapter: gpu_adapter.clone(),
+                allow_software,
+                ..Default::default()
+            })
+        })
+    };
+    match device {
+        Device::Cpu if gpu_adapter.is_some() => Err(Error::Invalid(
+            "--gpu-adapter applies to the GPU, but --device cpu was given".into(),
+        )),
+        Device::Cpu => Ok(TrainDevice::Cpu),
+        Device::Gpu => Ok(TrainDevice::Gpu(ctx(true)?)),
+        Device::Auto if gpu_adapter.is_some() => Ok(TrainDevice::Gpu(ctx(true)?)),
+        Device::Auto => Ok(ctx(false).map_or(TrainDevice::Cpu, TrainDevice::Gpu)),
+    }
+}
+
 pub fn quiet_wayland_probe<T>(f: impl FnOnce() -> T) -> T {
     #[cfg(unix)]
     {

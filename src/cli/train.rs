@@ -89,9 +89,14 @@ pub struct TrainArgs {
     /// Seed of initialization, shuffling, the eval split and dropout.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Device to train on (training runs on the CPU for now).
+    /// Device to train on: `auto` takes a hardware GPU when there is one,
+    /// else the CPU; `gpu` also accepts a software adapter.
     #[arg(long, value_enum, default_value = "auto")]
     device: Device,
+    /// GPU adapter: part of its name or its index in `info --devices`
+    /// [default: $EDGETUNE_ADAPTER, else the best]. Implies the GPU.
+    #[arg(long, value_name = "NAME")]
+    gpu_adapter: Option<String>,
     /// Print each event (planned, step, eval, checkpoint, early_stop) as one
     /// JSON line, then a final {"event":"summary",…} line.
     #[arg(long)]
@@ -132,12 +137,7 @@ impl TrainArgs {
 }
 
 pub fn run(a: TrainArgs) -> Result<(), Error> {
-    if a.device == Device::Gpu {
-        return Err(Error::Invalid(
-            "GPU training is not available yet; train on the CPU with --device cpu (or auto)"
-                .into(),
-        ));
-    }
+    let device = super::train_device(a.device, a.gpu_adapter.clone())?;
     let config = a.config()?;
     if !a.resume {
         config.validate()?;
@@ -165,6 +165,7 @@ pub fn run(a: TrainArgs) -> Result<(), Error> {
         out: &a.out,
         config,
         threads: a.step.threads(),
+        device,
         resume: a.resume,
     };
     let mut view = Progress::new(a.json, a.step.memory_budget);

@@ -9,7 +9,7 @@
 
 use super::budget::{MemoryReport, PlannedStep, Recompute, StepShape, fit};
 use super::optim::{AdamWConfig, AdamWState};
-use crate::backend::cpu::train::{CpuStep, StepProfile};
+use crate::backend::cpu::train::StepProfile;
 use crate::graph::StepInputs;
 use crate::model::Model;
 use crate::peft::Method;
@@ -61,6 +61,8 @@ pub struct TrainBenchOptions {
     pub threads: usize,
     /// Learning rate of the AdamW steps.
     pub lr: f32,
+    /// The device running the steps.
+    pub device: super::TrainDevice,
 }
 
 impl Default for TrainBenchOptions {
@@ -75,6 +77,7 @@ impl Default for TrainBenchOptions {
             recompute: Recompute::Auto,
             threads: 0,
             lr: 2e-4,
+            device: super::TrainDevice::Cpu,
         }
     }
 }
@@ -97,6 +100,10 @@ pub struct TrainBenchResult {
     pub profile: Vec<(String, usize, f64)>,
     /// Worker threads used.
     pub threads: usize,
+    /// The device, for people.
+    pub device: String,
+    /// Device work items per step (GPU dispatches, CPU graph nodes).
+    pub launches: usize,
 }
 
 /// The process's peak resident set in bytes (Linux `VmHWM`).
@@ -150,7 +157,8 @@ pub fn bench_train(
     let sizes: Vec<usize> = params.iter().map(|p| p.len()).collect();
     let mut adam = AdamWState::new(&sizes);
     let mut grads: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
-    let mut step = CpuStep::new(model, graph, plan, threads)?;
+    let param_names: Vec<String> = graph.params.iter().map(|p| p.name.clone()).collect();
+    let mut step = o.device.step(model, graph, plan, threads)?;
     let positions: Vec<u32> = (0..micro * o.seq).map(|i| (i % o.seq) as u32).collect();
     let seg: Vec<u32> = vec![0; micro * o.seq];
     let (mut step_seconds, mut losses) = (Vec::new(), Vec::new());
@@ -158,7 +166,7 @@ pub fn bench_train(
     let mut adam_seconds = 0.0;
     for s in 0..total {
         if s == o.warmup {
-            step.profile = Some(StepProfile::default());
+            step.enable_profile();
         }
         let t0 = Instant::now();
         let chunk = &tokens[s * per_step..(s + 1) * per_step];
@@ -186,14 +194,13 @@ pub fn bench_train(
             let (l, _) = step.run(&inp, &params)?;
             loss += l;
             for (i, g) in grads.iter_mut().enumerate() {
-                if m == 0 {
-                    g.copy_from_slice(step.grad(i));
-                } else {
-                    g.iter_mut().zip(step.grad(i)).for_each(|(a, b)| *a += b);
-                }
+                step.read_grad(i, g, m > 0)?;
             }
         }
-        let lrs: Vec<f32> = graph_lrs(&lora, &step, o.lr);
+        let lrs: Vec<f32> = param_names
+            .iter()
+            .map(|n| o.lr * lora.lr_multiplier(n))
+            .collect();
         let ta = Instant::now();
         let mut ps: Vec<&mut [f32]> = params.iter_mut().map(|p| p.as_mut_slice()).collect();
         let gs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
@@ -210,8 +217,8 @@ pub fn bench_train(
             return Err(Error::Cancelled);
         }
     }
-    if let Some(p) = step.profile.take() {
-        profile = p;
+    if let Some(p) = step.profile() {
+        profile = p.clone();
     }
     let timed: f64 = step_seconds.iter().sum();
     let mut ops: Vec<(String, usize, f64)> = profile
@@ -229,13 +236,7 @@ pub fn bench_train(
         peak_rss: peak_rss(),
         profile: ops,
         threads,
+        device: o.device.name(),
+        launches: step.launches(),
     })
-}
-
-fn graph_lrs(lora: &Lora, step: &CpuStep, lr: f32) -> Vec<f32> {
-    step.graph()
-        .params
-        .iter()
-        .map(|p| lr * lora.lr_multiplier(&p.name))
-        .collect()
 }

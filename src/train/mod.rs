@@ -12,6 +12,7 @@ pub mod bench;
 pub mod budget;
 pub mod checkpoint;
 pub mod config;
+mod device;
 pub mod optim;
 pub mod plot;
 mod run;
@@ -19,6 +20,7 @@ pub mod schedule;
 
 pub use budget::{MemoryReport, Recompute};
 pub use config::{Duration, TrainConfig};
+pub use device::TrainDevice;
 pub use run::{
     ADAPTER_FILE, CHECKPOINT_FILE, CURVE_FILE, SUMMARY_FILE, TrainEvent, TrainRequest,
     TrainSummary, train,

@@ -6,7 +6,6 @@ use super::config::{Duration, TrainConfig};
 use super::optim::{AdamWState, all_finite, clip_scale, global_norm};
 use super::schedule::LrSchedule;
 use super::{checkpoint, plot};
-use crate::backend::cpu::train::CpuStep;
 use crate::data::{self, Batch, DataOptions, Dataset, Packer, PackerState};
 use crate::graph::{DecoderGraph, MemoryPlan, StepInputs};
 use crate::model::Model;
@@ -46,6 +45,8 @@ pub struct TrainRequest<'a> {
     pub config: TrainConfig,
     /// CPU worker threads (0: one per core).
     pub threads: usize,
+    /// The device running the steps.
+    pub device: super::TrainDevice,
     /// Continue the run checkpointed in `out`.
     pub resume: bool,
 }
@@ -229,12 +230,12 @@ fn evaluate(
     eval: &Dataset,
     micro: usize,
     seq: usize,
-    threads: usize,
+    device: (&super::TrainDevice, usize),
     params: &[Vec<f32>],
 ) -> Result<f32> {
     let g = DecoderGraph::build(model.spec(), micro, seq, lora);
     let plan = MemoryPlan::new(&g);
-    let mut step = CpuStep::new(model, g, plan, threads)?;
+    let mut step = device.0.step(model, g, plan, device.1)?;
     let (mut sum, mut count) = (0.0, 0);
     for b in data::eval_batches(eval, seq, micro) {
         let (s, c) = step.run(&inputs(&b, 0.0, 0), params)?;
@@ -389,7 +390,7 @@ pub fn train(
         params: n_params,
     };
     let _ = progress(&planned);
-    let mut step = CpuStep::new(req.model, graph, plan, threads)?;
+    let mut step = req.device.step(req.model, graph, plan, threads)?;
     let has_eval = !eval_ds.is_empty();
     let eval = |params: &[Vec<f32>]| {
         evaluate(
@@ -398,7 +399,7 @@ pub fn train(
             &eval_ds,
             micro,
             cfg.seq,
-            req.threads,
+            (&req.device, threads),
             params,
         )
     };
@@ -434,11 +435,7 @@ pub fn train(
                     step.run(&inputs(b, scale, micro_seed(cfg.seed, s, mi)), &st.params)?;
                 loss_sum += l;
                 for (i, g) in grads.iter_mut().enumerate() {
-                    if mi == 0 {
-                        g.copy_from_slice(step.grad(i));
-                    } else {
-                        g.iter_mut().zip(step.grad(i)).for_each(|(a, b)| *a += b);
-                    }
+                    step.read_grad(i, g, mi > 0)?;
                 }
             }
             let refs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();

@@ -4,6 +4,7 @@
 //! log-sum-exp of each (token, head); the backward recomputes the scores of
 //! one (sequence, head) at a time, so no seq × seq matrix outlives a task.
 
+use super::fastmath;
 use crate::backend::cpu::gemm::{Operand, matmul_into};
 use crate::graph::AttnGeom;
 use rayon::prelude::*;
@@ -63,7 +64,7 @@ fn probabilities(
             Some(lse) => {
                 let l = lse(t);
                 for v in &mut r[lo..=hi] {
-                    *v = (*v * geom.scale - l).exp();
+                    *v = fastmath::exp(*v * geom.scale - l);
                 }
             }
             None => {
@@ -74,7 +75,7 @@ fn probabilities(
                 }
                 let mut sum = 0.0;
                 for v in &mut r[lo..=hi] {
-                    *v = (*v - m).exp();
+                    *v = fastmath::exp(*v - m);
                     sum += *v;
                 }
                 for v in &mut r[lo..=hi] {

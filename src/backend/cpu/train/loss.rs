@@ -2,6 +2,7 @@
 //! gradient in one op, over chunks of tokens so that only
 //! `chunk × vocab` logits exist at a time (never `tokens × vocab`).
 
+use super::fastmath;
 use crate::backend::cpu::gemm::{Operand, matmul_into};
 use crate::backend::cpu::matmul::QMatrix;
 use rayon::prelude::*;
@@ -70,11 +71,11 @@ pub fn loss_head(
             .map(|(r, &row)| {
                 let t = targets[row] as usize;
                 let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f64 = r.iter().map(|&x| f64::from((x - m).exp())).sum();
+                let sum: f64 = r.iter().map(|&x| f64::from(fastmath::exp(x - m))).sum();
                 let lse = m + sum.ln() as f32;
                 let nll = f64::from(lse - r[t]);
                 for x in r.iter_mut() {
-                    *x = (*x - lse).exp() * loss_scale;
+                    *x = fastmath::exp(*x - lse) * loss_scale;
                 }
                 r[t] -= loss_scale;
                 nll

@@ -6,6 +6,7 @@
 //! leaving the loss and the parameter gradients in the arena.
 
 pub mod attention;
+pub mod fastmath;
 pub mod loss;
 pub mod ops;
 #[cfg(test)]

@@ -108,31 +108,32 @@ pub fn rope_apply(
 const GELU_K: f32 = 0.797_884_6; // √(2/π)
 const GELU_C: f32 = 0.044_715;
 
-/// `(act(g), act'(g))`.
-fn act_and_slope(act: Activation, g: f32) -> (f32, f32) {
-    match act {
-        Activation::Silu => {
-            let s = 1.0 / (1.0 + (-g).exp());
-            (g * s, s * (1.0 + g * (1.0 - s)))
-        }
-        Activation::GeluTanh => {
-            let t = (GELU_K * (g + GELU_C * g * g * g)).tanh();
-            let d =
-                0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * g * g);
-            (0.5 * g * (1.0 + t), d)
-        }
-    }
+fn silu(g: f32) -> (f32, f32) {
+    let s = super::fastmath::sigmoid(g);
+    (g * s, s * (1.0 + g * (1.0 - s)))
+}
+
+fn gelu_tanh(g: f32) -> (f32, f32) {
+    let t = super::fastmath::tanh(GELU_K * (g + GELU_C * g * g * g));
+    let d = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * g * g);
+    (0.5 * g * (1.0 + t), d)
 }
 
 /// `h = act(g) · u`.
 pub fn gated_forward(g: &[f32], u: &[f32], act: Activation, h: &mut [f32]) {
-    h.par_chunks_mut(4096)
-        .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
-        .for_each(|(hc, (gc, uc))| {
-            for ((o, &gv), &uv) in hc.iter_mut().zip(gc).zip(uc) {
-                *o = act_and_slope(act, gv).0 * uv;
-            }
-        });
+    fn run(f: impl Fn(f32) -> (f32, f32) + Sync, g: &[f32], u: &[f32], h: &mut [f32]) {
+        h.par_chunks_mut(4096)
+            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
+            .for_each(|(hc, (gc, uc))| {
+                for ((o, &gv), &uv) in hc.iter_mut().zip(gc).zip(uc) {
+                    *o = f(gv).0 * uv;
+                }
+            });
+    }
+    match act {
+        Activation::Silu => run(silu, g, u, h),
+        Activation::GeluTanh => run(gelu_tanh, g, u, h),
+    }
 }
 
 /// `dg = dh · u · act'(g)`, `du = dh · act(g)`.
@@ -144,20 +145,33 @@ pub fn gated_backward(
     dg: &mut [f32],
     du: &mut [f32],
 ) {
-    dg.par_chunks_mut(4096)
-        .zip(du.par_chunks_mut(4096))
-        .zip(
-            g.par_chunks(4096)
-                .zip(u.par_chunks(4096))
-                .zip(dh.par_chunks(4096)),
-        )
-        .for_each(|((dgc, duc), ((gc, uc), hc))| {
-            for i in 0..dgc.len() {
-                let (a, slope) = act_and_slope(act, gc[i]);
-                dgc[i] = hc[i] * uc[i] * slope;
-                duc[i] = hc[i] * a;
-            }
-        });
+    fn run(
+        f: impl Fn(f32) -> (f32, f32) + Sync,
+        g: &[f32],
+        u: &[f32],
+        dh: &[f32],
+        dg: &mut [f32],
+        du: &mut [f32],
+    ) {
+        dg.par_chunks_mut(4096)
+            .zip(du.par_chunks_mut(4096))
+            .zip(
+                g.par_chunks(4096)
+                    .zip(u.par_chunks(4096))
+                    .zip(dh.par_chunks(4096)),
+            )
+            .for_each(|((dgc, duc), ((gc, uc), hc))| {
+                for i in 0..dgc.len().min(gc.len()) {
+                    let (a, slope) = f(gc[i]);
+                    dgc[i] = hc[i] * uc[i] * slope;
+                    duc[i] = hc[i] * a;
+                }
+            });
+    }
+    match act {
+        Activation::Silu => run(silu, g, u, dh, dg, du),
+        Activation::GeluTanh => run(gelu_tanh, g, u, dh, dg, du),
+    }
 }
 
 /// A uniform number in [0, 1) from (seed, site, index): SplitMix64, so a
