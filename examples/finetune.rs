@@ -66,8 +66,8 @@ fn main() -> edgetune::Result<()> {
     let _ = ctrlc::set_handler(move || s.store(true, Ordering::SeqCst));
 
     let mut config = TrainConfig {
-        lr: 2e-3,
-        duration: Duration::Epochs(4.0),
+        lr: 3e-3,
+        duration: Duration::Epochs(6.0),
         batch: 1,
         seq: 256,
         memory_budget: Some(512 << 20),

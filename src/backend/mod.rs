@@ -144,6 +144,14 @@ pub trait TrainStep {
     fn enable_profile(&mut self) {}
     /// Device work items of one step (GPU dispatches; CPU: graph nodes).
     fn launches(&self) -> usize;
+    /// The step with the optimizer on the device, where the backend has one:
+    /// parameters and AdamW moments stay resident and
+    /// [`gpu::GpuStep::train_step`] runs forward, backward, clipping and the
+    /// update in one submission. `None`: the caller runs the optimizer on
+    /// the host from [`TrainStep::read_grad`].
+    fn fused_optimizer(&mut self) -> Option<&mut gpu::GpuStep> {
+        None
+    }
 }
 
 impl TrainStep for cpu::train::CpuStep<'_> {
@@ -199,5 +207,8 @@ impl TrainStep for gpu::GpuStep {
     }
     fn launches(&self) -> usize {
         self.dispatches()
+    }
+    fn fused_optimizer(&mut self) -> Option<&mut gpu::GpuStep> {
+        Some(self)
     }
 }

@@ -6,6 +6,7 @@ use super::config::{Duration, TrainConfig};
 use super::optim::{AdamWState, all_finite, clip_scale, global_norm};
 use super::schedule::LrSchedule;
 use super::{checkpoint, plot};
+use crate::backend::gpu::train::GpuOptim;
 use crate::data::{self, Batch, DataOptions, Dataset, Packer, PackerState};
 use crate::graph::{DecoderGraph, MemoryPlan, StepInputs};
 use crate::model::Model;
@@ -391,6 +392,26 @@ pub fn train(
     };
     let _ = progress(&planned);
     let mut step = req.device.step(req.model, graph, plan, threads)?;
+    // On a device with a fused optimizer (the GPU), parameters and AdamW
+    // moments stay on the device and a whole step is one submission;
+    // gradient accumulation keeps the host path.
+    let fused = accum == 1 && step.fused_optimizer().is_some();
+    if let (true, Some(g)) = (fused, step.fused_optimizer()) {
+        g.load_params(&st.params)?;
+        if st.adam.step > 0 {
+            g.set_moments(&st.adam.m, &st.adam.v)?;
+        }
+    }
+    // Bring resident parameters and moments back to the host (before an
+    // evaluation, a checkpoint or the adapter is written).
+    let sync =
+        |step: &mut Box<dyn crate::backend::TrainStep + '_>, st: &mut Checkpoint| -> Result<()> {
+            if let (true, Some(g)) = (fused, step.fused_optimizer()) {
+                st.params = g.params()?;
+                (st.adam.m, st.adam.v) = g.moments()?;
+            }
+            Ok(())
+        };
     let has_eval = !eval_ds.is_empty();
     let eval = |params: &[Vec<f32>]| {
         evaluate(
@@ -426,8 +447,29 @@ pub fn train(
         let targets: usize = batches.iter().map(|b| b.target_count()).sum();
         let mut skipped = None;
         let (mut loss_sum, mut norm) = (0.0f64, 0.0f64);
+        let mut applied = false;
         if targets == 0 {
             skipped = Some("no target tokens in this step's batches".to_string());
+        } else if let (true, Some(g)) = (fused, step.fused_optimizer()) {
+            let opt = GpuOptim {
+                cfg: cfg.adamw,
+                lrs: lr_mult.iter().map(|m| m * lr).collect(),
+                max_grad_norm: cfg.max_grad_norm,
+                t: st.adam.step + 1,
+            };
+            let seed = micro_seed(cfg.seed, s, 0);
+            let r = g.train_step(&inputs(&batches[0], 1.0 / targets as f32, seed), &opt)?;
+            (loss_sum, norm) = (r.nll_sum, f64::from(r.grad_norm));
+            if r.skipped {
+                skipped = Some(if loss_sum.is_finite() {
+                    "non-finite gradients".to_string()
+                } else {
+                    format!("non-finite loss ({loss_sum})")
+                });
+            } else {
+                st.adam.step += 1;
+                applied = true;
+            }
         } else {
             let scale = 1.0 / targets as f32;
             for (mi, b) in batches.iter().enumerate() {
@@ -448,14 +490,17 @@ pub fn train(
         }
         let loss = (loss_sum / targets.max(1) as f64) as f32;
         if skipped.is_none() {
-            let c = clip_scale(norm, cfg.max_grad_norm);
-            if c != 1.0 {
-                grads.iter_mut().flatten().for_each(|g| *g *= c);
+            if !applied {
+                let c = clip_scale(norm, cfg.max_grad_norm);
+                if c != 1.0 {
+                    grads.iter_mut().flatten().for_each(|g| *g *= c);
+                }
+                let lrs: Vec<f32> = lr_mult.iter().map(|m| m * lr).collect();
+                let mut ps: Vec<&mut [f32]> =
+                    st.params.iter_mut().map(|p| p.as_mut_slice()).collect();
+                let gs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
+                st.adam.step(&cfg.adamw, &mut ps, &gs, &lrs);
             }
-            let lrs: Vec<f32> = lr_mult.iter().map(|m| m * lr).collect();
-            let mut ps: Vec<&mut [f32]> = st.params.iter_mut().map(|p| p.as_mut_slice()).collect();
-            let gs: Vec<&[f32]> = grads.iter().map(|g| g.as_slice()).collect();
-            st.adam.step(&cfg.adamw, &mut ps, &gs, &lrs);
             st.train_history.push((s + 1, loss));
         } else {
             st.skipped += 1;
@@ -476,6 +521,7 @@ pub fn train(
         let mut stop = progress(&ev).is_break();
         let last = st.step == total_steps;
         if has_eval && ((cfg.eval_every > 0 && st.step % cfg.eval_every == 0) || last) {
+            sync(&mut step, &mut st)?;
             let l = eval(&st.params)?;
             st.eval_history.push((st.step, l));
             stop |= progress(&TrainEvent::Eval {
@@ -508,6 +554,7 @@ pub fn train(
             st.finished = true;
         }
         if stop || (cfg.save_every > 0 && st.step % cfg.save_every == 0 && !last && !early_stop) {
+            sync(&mut step, &mut st)?;
             save(&mut st, &packer)?;
             let _ = progress(&TrainEvent::Checkpoint {
                 step: st.step,
@@ -523,6 +570,7 @@ pub fn train(
     }
     st.finished = true;
     // The adapter: the best evaluation's when early stopping kept one.
+    sync(&mut step, &mut st)?;
     let final_params = match &st.best {
         Some((_, _, p)) if cfg.early_stop > 0 && !p.is_empty() => p.clone(),
         _ => st.params.clone(),

@@ -6,8 +6,10 @@
 //!
 //! This file holds the operands ([`View`], [`QuantMatrix`]), the per-step
 //! uniforms, the products (with a frozen quantized weight, and the f32 LoRA
-//! products), the embedding gather, the loss head and AdamW; `train_ops.rs`
-//! the element-wise ops, dropout, RMSNorm, RoPE and attention.
+//! products), the embedding gather, the loss head and the optimizer (the
+//! global gradient norm and AdamW, with [`GpuOptim`] and [`GpuStepReport`],
+//! the inputs and outputs of a resident step: [`super::GpuStep::train_step`]);
+//! `train_ops.rs` the element-wise ops, dropout, RMSNorm, RoPE and attention.
 //!
 //! Operands are [`View`]s: f32 values of a storage buffer from an element
 //! offset, so that every tensor of a step can live in one arena buffer. Each
@@ -44,6 +46,7 @@ const LINEAR: &str = include_str!("../../../shaders/train_linear.wgsl");
 const EMBED: &str = include_str!("../../../shaders/train_embed.wgsl");
 const MATMUL: &str = include_str!("../../../shaders/train_matmul.wgsl");
 const ADAMW: &str = include_str!("../../../shaders/train_adamw.wgsl");
+const GRAD_NORM: &str = include_str!("../../../shaders/train_grad_norm.wgsl");
 const LOSS: &str = include_str!("../../../shaders/train_loss.wgsl");
 
 /// Tokens × outputs of one workgroup of train_linear.wgsl.
@@ -187,8 +190,9 @@ pub struct AdamWHyper {
     pub inv_bc1: f32,
     /// `1 / √(1 − β2^t)`.
     pub inv_sqrt_bc2: f32,
-    /// Padding to 32 bytes.
-    pub _pad: f32,
+    /// Largest global gradient norm before clipping (≤ 0: no clipping);
+    /// only [`adamw_clipped`] reads it.
+    pub max_norm: f32,
 }
 
 impl AdamWHyper {
@@ -206,9 +210,44 @@ impl AdamWHyper {
             weight_decay: cfg.weight_decay,
             inv_bc1: (1.0 / bc1) as f32,
             inv_sqrt_bc2: (1.0 / bc2.sqrt()) as f32,
-            _pad: 0.0,
+            max_norm: 0.0,
         }
     }
+}
+
+/// The optimizer of one resident training step
+/// ([`super::GpuStep::train_step`]): AdamW after clipping the global
+/// gradient norm, as the host trainer does with
+/// [`crate::train::optim::AdamWState::step`] and
+/// [`crate::train::optim::clip_scale`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct GpuOptim {
+    /// β1, β2, ε and the weight decay.
+    pub cfg: AdamWConfig,
+    /// Learning rate of each parameter tensor, in the graph's order.
+    pub lrs: Vec<f32>,
+    /// Largest global gradient norm (≤ 0: no clipping).
+    pub max_grad_norm: f32,
+    /// AdamW's step number, 1-based: the bias corrections' `t`. The caller
+    /// counts applied steps (a skipped step does not advance it).
+    pub t: u64,
+}
+
+/// What a resident training step reports: all it reads back.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GpuStepReport {
+    /// Σ NLL over the step's targets.
+    pub nll_sum: f64,
+    /// Targets of the step.
+    pub count: usize,
+    /// Global gradient norm before clipping, `√ss` (NaN or ∞ when a
+    /// gradient was not finite).
+    pub grad_norm: f32,
+    /// The update was not applied (parameters and moments untouched)
+    /// because the squared norm `ss` or the loss was not finite. `ss` is
+    /// summed in f32: gradients of norm past ~1.8e19 skip the step here
+    /// where the host (f64) would clip.
+    pub skipped: bool,
 }
 
 // ---- parameters of the shaders (their `Params`) ----------------------------
@@ -247,11 +286,20 @@ struct ProductParams {
 
 #[repr(C)]
 #[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
-#[cfg_attr(not(test), allow(dead_code))]
 struct AdamWParams {
     n: u32,
     offs: [u32; 4],
-    _pad: [u32; 3],
+    ss_at: u32,
+    _pad: [u32; 2],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, bytemuck::Pod, bytemuck::Zeroable)]
+struct GradNormParams {
+    n: u32,
+    src_off: u32,
+    dst: u32,
+    _pad: u32,
 }
 
 #[repr(C)]
@@ -282,6 +330,7 @@ const _: () = assert!(
         && size_of::<AdamWParams>() == 32
         && size_of::<EmbedParams>() == 32
         && size_of::<LossParams>() == 16
+        && size_of::<GradNormParams>() == 16
         && size_of::<AdamWHyper>() == 32
         && size_of::<TrainStepParams>() == 16
 );
@@ -764,9 +813,75 @@ pub(crate) fn loss_head(
 
 // ---- optimizer ---------------------------------------------------------------
 
+/// Elements of a gradient one workgroup of `sumsq_partial` sums
+/// (train_grad_norm.wgsl's `CHUNK`).
+const SUMSQ_CHUNK: usize = 4096;
+
+/// Partial sums [`grad_sumsq`] writes for a tensor of `n` elements.
+pub(crate) fn sumsq_partials(n: usize) -> usize {
+    n.div_ceil(SUMSQ_CHUNK)
+}
+
+/// `partials[first ..][..sumsq_partials(n)]` = the sums of squares of
+/// `grad`'s `n` elements, by chunks of 4096 (train_grad_norm.wgsl).
+pub(crate) fn grad_sumsq(
+    ctx: &GpuContext,
+    grad: View,
+    n: usize,
+    partials: &Buffer,
+    first: usize,
+) -> Result<Dispatch> {
+    let op = "grad_sumsq";
+    nonempty(n, op)?;
+    let parts = sumsq_partials(n);
+    check_len(partials, first + parts, op, "partials")?;
+    let (gb, g_off) = bind(ctx, grad, n, op, "grad")?;
+    let params = GradNormParams {
+        n: to_u32(n, op, "elements")?,
+        src_off: g_off,
+        dst: to_u32(first, op, "partials")?,
+        _pad: 0,
+    };
+    let u = ctx.uniform(&params, "grad_sumsq params");
+    let pl = plain(ctx, "train/grad_norm", "sumsq_partial", GRAD_NORM)?;
+    Ok(ctx.dispatch(
+        &pl,
+        &[u.as_entire_binding(), gb, partials.as_entire_binding()],
+        groups(n, SUMSQ_CHUNK, op)?,
+    ))
+}
+
+/// `partials[count]` = ss = Σ `partials[..count]` (in a fixed order), then
+/// `partials[count + 1]` = 1 when ss or the loss's Σ NLL is not finite
+/// (else 0) and `partials[count + 2 ..= count + 3]` = the `(1, 2)` loss
+/// (Σ NLL, targets): what [`adamw_clipped`] and the host read.
+pub(crate) fn grad_sumsq_total(
+    ctx: &GpuContext,
+    partials: &Buffer,
+    count: usize,
+    loss: View,
+) -> Result<Dispatch> {
+    let op = "grad_sumsq_total";
+    check_len(partials, count + 4, op, "partials")?;
+    let (lb, l_off) = bind(ctx, loss, 2, op, "loss")?;
+    let params = GradNormParams {
+        n: to_u32(count, op, "partials")?,
+        src_off: l_off,
+        dst: to_u32(count, op, "partials")?,
+        _pad: 0,
+    };
+    let u = ctx.uniform(&params, "grad_sumsq_total params");
+    let pl = plain(ctx, "train/grad_norm", "sumsq_total", GRAD_NORM)?;
+    Ok(ctx.dispatch(
+        &pl,
+        &[u.as_entire_binding(), lb, partials.as_entire_binding()],
+        [1, 1, 1],
+    ))
+}
+
 /// AdamW in place on `param` (`n` elements) with its gradient and moments;
 /// `hyper` is an [`AdamWHyper`] uniform the host writes each step.
-// Until the optimizer moves onto the GPU only the tests call it.
+// The trainer's optimizer is the host's or adamw_clipped: only the tests call it.
 #[cfg_attr(not(test), allow(dead_code))]
 pub(crate) fn adamw(
     ctx: &GpuContext,
@@ -777,29 +892,77 @@ pub(crate) fn adamw(
     n: usize,
     hyper: &Buffer,
 ) -> Result<Dispatch> {
-    let op = "adamw";
+    adamw_entry(
+        ctx,
+        "adamw",
+        [param, grad, m, v],
+        n,
+        hyper.as_entire_binding(),
+        None,
+    )
+}
+
+/// [`adamw`] with the gradient clipped to the global norm: reads ss and the
+/// skip flag that [`grad_sumsq_total`] wrote at `norm[ss_at ..= ss_at + 1]`
+/// and leaves `param`, `m` and `v` untouched when the flag is set. `hyper`:
+/// 32 bytes of a uniform buffer holding an [`AdamWHyper`] (`max_norm` set).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn adamw_clipped<'a>(
+    ctx: &GpuContext,
+    param: View<'a>,
+    grad: View<'a>,
+    m: View<'a>,
+    v: View<'a>,
+    n: usize,
+    hyper: wgpu::BufferBinding<'a>,
+    norm: &'a Buffer,
+    ss_at: usize,
+) -> Result<Dispatch> {
+    check_len(norm, ss_at + 2, "adamw_clipped", "norm")?;
+    adamw_entry(
+        ctx,
+        "adamw_clipped",
+        [param, grad, m, v],
+        n,
+        wgpu::BindingResource::Buffer(hyper),
+        Some((norm, ss_at)),
+    )
+}
+
+/// A dispatch of `entry` of train_adamw.wgsl over `[param, grad, m, v]`.
+fn adamw_entry(
+    ctx: &GpuContext,
+    entry: &str,
+    views: [View; 4],
+    n: usize,
+    hyper: wgpu::BindingResource,
+    norm: Option<(&Buffer, usize)>,
+) -> Result<Dispatch> {
+    let op = entry;
     nonempty(n, op)?;
-    let (pb, p_off) = bind(ctx, param, n, op, "param")?;
-    let (gb, g_off) = bind(ctx, grad, n, op, "grad")?;
-    let (mb, m_off) = bind(ctx, m, n, op, "m")?;
-    let (vb, v_off) = bind(ctx, v, n, op, "v")?;
+    let mut offs = [0u32; 4];
+    let mut bound = Vec::with_capacity(4);
+    for (k, (view, what)) in views
+        .into_iter()
+        .zip(["param", "grad", "m", "v"])
+        .enumerate()
+    {
+        let (b, off) = bind(ctx, view, n, op, what)?;
+        offs[k] = off;
+        bound.push(b);
+    }
     let params = AdamWParams {
         n: to_u32(n, op, "elements")?,
-        offs: [p_off, g_off, m_off, v_off],
-        _pad: [0; 3],
+        offs,
+        ss_at: to_u32(norm.map_or(0, |(_, at)| at), op, "norm")?,
+        _pad: [0; 2],
     };
     let u = ctx.uniform(&params, "adamw params");
-    let pl = plain(ctx, "train/adamw", op, ADAMW)?;
-    Ok(ctx.dispatch(
-        &pl,
-        &[
-            u.as_entire_binding(),
-            hyper.as_entire_binding(),
-            pb,
-            gb,
-            mb,
-            vb,
-        ],
-        groups(n, ELEMENT_WG, op)?,
-    ))
+    let mut bindings = vec![u.as_entire_binding(), hyper];
+    bindings.extend(bound);
+    if let Some((nb, _)) = norm {
+        bindings.push(nb.as_entire_binding());
+    }
+    let pl = plain(ctx, "train/adamw", entry, ADAMW)?;
+    Ok(ctx.dispatch(&pl, &bindings, groups(n, ELEMENT_WG, op)?))
 }

@@ -29,18 +29,32 @@
 //!   orders dispatches that touch the same buffer, so node order is
 //!   enough), copies the `(1, 2)` loss tensor out and submits once: the only
 //!   host round trip of a step is reading those 8 bytes.
-//! - **The optimizer (to come).** With AdamW on the device the parameters
-//!   stay resident (no upload per run) beside their moments, and each step
-//!   appends one [`super::train::adamw`] dispatch per parameter (its view,
-//!   its gradient's view in the arena, `m`, `v`, and an
-//!   [`super::train::AdamWHyper`] uniform rewritten per step) to the same
-//!   compute pass after the recorded list, so forward, backward and update
-//!   are still one submission. Gradient accumulation and clipping need the
-//!   gradients outside the arena (or a norm kernel) first.
+//! - **Resident parameters and the optimizer.** [`GpuStep::load_params`]
+//!   uploads the parameters once and allocates AdamW's moments `m`, `v`
+//!   (zeros) beside them, and records a second list after the graph's: one
+//!   [`super::train::grad_sumsq`] per gradient (the sums of squares of its
+//!   chunks of 4096 into a small `norm` buffer), one
+//!   [`super::train::grad_sumsq_total`] (ss = the sum of those partials in
+//!   a fixed order, a skip flag when ss or the loss is not finite, and the
+//!   loss, side by side in `norm`), and one [`super::train::adamw_clipped`]
+//!   per parameter (clip to `max_grad_norm`, skip on the flag). Each
+//!   [`GpuStep::train_step`] writes the inputs, the dropout/loss-scale
+//!   uniform and the AdamW hyper-parameters of every tensor (one uniform
+//!   buffer, one slot per tensor at the uniform offset alignment, bias
+//!   corrections in f64 by [`super::train::AdamWHyper::new`]) with
+//!   `queue.write_buffer`, records both lists into one encoder, copies
+//!   `norm`'s last 16 bytes (ss, skip, Σ NLL, count) out and submits once:
+//!   forward, backward, norm, clipping and update are one submission with
+//!   one 16-byte read back. Without gradient accumulation nothing else
+//!   crosses the bus; [`GpuStep::params`] and [`GpuStep::moments`] read the
+//!   state back for checkpoints, [`GpuStep::set_moments`] restores it.
+//!   [`GpuStep::run`] still uploads the parameters it is given (replacing
+//!   the resident ones); [`GpuStep::run_resident`] runs the graph on the
+//!   resident ones (evaluation).
 
 use super::train::{
-    self, AttnSavedViews, PackedRows, QuantMatrix, TrainStepParams, View, loss_scratch_len,
-    rope_table,
+    self, AdamWHyper, AttnSavedViews, GpuOptim, GpuStepReport, PackedRows, QuantMatrix,
+    TrainStepParams, View, loss_scratch_len, rope_table,
 };
 use super::{Dispatch, GpuContext, GpuWeight};
 use crate::backend::cpu::train::DEFAULT_LOSS_CHUNK;
@@ -48,6 +62,7 @@ use crate::graph::{FrozenId, Graph, MemoryPlan, Op, StepInputs, TensorId, Tensor
 use crate::model::{Model, Rope};
 use crate::{Error, Result};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use wgpu::Buffer;
 
 /// A frozen weight on the device.
@@ -65,6 +80,26 @@ struct InputBuffers {
     positions: Buffer,
     seg_start: Buffer,
 }
+
+/// The optimizer's state and dispatches while the parameters are resident
+/// ([`GpuStep::load_params`]).
+struct Resident {
+    /// AdamW's first and second moments, one buffer per parameter.
+    m: Vec<Buffer>,
+    v: Vec<Buffer>,
+    /// One [`AdamWHyper`] per parameter, `hyper_stride` bytes apart.
+    hypers: Buffer,
+    hyper_stride: usize,
+    /// The partial sums of squares, then ss, the skip flag, Σ NLL and the
+    /// target count from element `ss_at`.
+    norm: Buffer,
+    ss_at: usize,
+    /// Sums of squares, their total, the updates: recorded after the graph.
+    dispatches: Vec<Dispatch>,
+}
+
+/// AdamW moments (first or second) of every parameter, in graph order.
+pub type Moments = Vec<Vec<f32>>;
 
 /// A training graph prepared to run on the GPU: its buffers allocated, its
 /// frozen weights uploaded and its dispatches recorded once.
@@ -84,6 +119,9 @@ pub struct GpuStep {
     frozen: Vec<Frozen>,
     ropes: Vec<(Rope, Buffer)>,
     loss_scratch: Option<Buffer>,
+    resident: Option<Resident>,
+    /// Queue submissions so far (runs, steps and read-backs).
+    submissions: AtomicU64,
 }
 
 impl std::fmt::Debug for GpuStep {
@@ -171,7 +209,7 @@ impl GpuStep {
         let mut step = GpuStep {
             arena: ctx.storage(arena_bytes, "training arena"),
             step: ctx.uniform(&TrainStepParams::default(), "train step params"),
-            staging: ctx.staging(8),
+            staging: ctx.staging(16),
             inputs,
             params,
             vocab,
@@ -179,6 +217,8 @@ impl GpuStep {
             frozen,
             ropes,
             loss_scratch,
+            resident: None,
+            submissions: AtomicU64::new(0),
             graph,
             plan,
             ctx,
@@ -202,24 +242,40 @@ impl GpuStep {
         self.dispatches.len()
     }
 
+    /// Kernel launches of the optimizer appended to each
+    /// [`GpuStep::train_step`] (0 before [`GpuStep::load_params`]).
+    pub fn optimizer_dispatches(&self) -> usize {
+        self.resident.as_ref().map_or(0, |r| r.dispatches.len())
+    }
+
+    /// Queue submissions since the step was made: each run and each
+    /// [`GpuStep::train_step`] is one, and so is each read-back.
+    pub fn submissions(&self) -> u64 {
+        self.submissions.load(Ordering::Relaxed)
+    }
+
     /// Run forward, loss and backward in one submission. `params[i]` holds
-    /// parameter `i`. Returns (Σ NLL over targets, number of targets); the
-    /// gradients stay on the device ([`GpuStep::grad`]).
+    /// parameter `i` (uploaded into the parameter buffers, replacing
+    /// resident parameters, if any). Returns (Σ NLL over targets, number of
+    /// targets); the gradients stay on the device ([`GpuStep::grad`]).
     pub fn run(&mut self, inp: &StepInputs, params: &[Vec<f32>]) -> Result<(f64, usize)> {
-        self.check(inp, params)?;
-        let q = &self.ctx.queue;
-        let b = &self.inputs;
-        q.write_buffer(&b.tokens, 0, bytemuck::cast_slice(inp.tokens));
-        q.write_buffer(&b.targets, 0, bytemuck::cast_slice(inp.targets));
-        q.write_buffer(&b.positions, 0, bytemuck::cast_slice(inp.positions));
-        q.write_buffer(&b.seg_start, 0, bytemuck::cast_slice(inp.seg_start));
+        self.check_inputs(inp)?;
+        self.check_params(params, "parameter")?;
         for (buf, v) in self.params.iter().zip(params) {
-            q.write_buffer(buf, 0, bytemuck::cast_slice(v));
+            self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(v));
         }
-        let sp = TrainStepParams::new(inp.seed, inp.loss_scale);
-        q.write_buffer(&self.step, 0, bytemuck::bytes_of(&sp));
+        self.run_resident(inp)
+    }
+
+    /// [`GpuStep::run`] with the parameters on the device as they are (those
+    /// of [`GpuStep::load_params`] and the updates since, or of the last
+    /// run): evaluation of a resident model.
+    pub fn run_resident(&mut self, inp: &StepInputs) -> Result<(f64, usize)> {
+        self.check_inputs(inp)?;
+        self.write_inputs(inp);
         let mut encoder = self.ctx.encoder();
         GpuContext::record(&mut encoder, &self.dispatches);
+        self.submissions.fetch_add(1, Ordering::Relaxed);
         let Some(loss) = self.graph.loss else {
             self.ctx.submit_and_wait(encoder)?;
             return Ok((0.0, 0));
@@ -230,6 +286,234 @@ impl GpuStep {
             .submit_and_read_via(encoder, &self.arena, off, 8, &self.staging)?;
         let l: [f32; 2] = bytemuck::pod_read_unaligned(&bytes);
         Ok((f64::from(l[0]), l[1].round() as usize))
+    }
+
+    /// Upload `params` (parameter `i` at `params[i]`) to stay on the device,
+    /// with zeroed AdamW moments, and record the optimizer's dispatches:
+    /// what [`GpuStep::train_step`] needs. The graph must be differentiated
+    /// (a gradient for every parameter) and end in a loss. Calling it again
+    /// replaces the parameters and zeroes the moments.
+    pub fn load_params(&mut self, params: &[Vec<f32>]) -> Result<()> {
+        self.check_params(params, "parameter")?;
+        let g = &self.graph;
+        let loss = g
+            .loss
+            .ok_or_else(|| graph_error("no loss: nothing to optimize".into()))?;
+        let grads = (0..g.params.len())
+            .map(|i| {
+                g.param_grads.get(i).copied().flatten().ok_or_else(|| {
+                    graph_error(format!("parameter {} has no gradient", g.params[i].name))
+                })
+            })
+            .collect::<Result<Vec<TensorId>>>()?;
+        for (buf, v) in self.params.iter().zip(params) {
+            self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(v));
+        }
+        let ctx = &*self.ctx;
+        let sizes: Vec<usize> = g.params.iter().map(|p| p.shape.numel()).collect();
+        let zeros = |what: &str| -> Vec<Buffer> {
+            g.params
+                .iter()
+                .zip(&sizes)
+                .map(|(p, &n)| ctx.storage(n as u64 * 4, &format!("{} {what}", p.name)))
+                .collect()
+        };
+        let (m, v) = (zeros("adamw m"), zeros("adamw v"));
+        let align = ctx.device.limits().min_uniform_buffer_offset_alignment as usize;
+        let hyper_stride = size_of::<AdamWHyper>().next_multiple_of(align.max(1));
+        let hypers = ctx.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("adamw hyper-parameters"),
+            size: (hyper_stride * sizes.len().max(1)) as u64,
+            usage: wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let firsts: Vec<usize> = sizes
+            .iter()
+            .scan(0, |acc, &n| {
+                let first = *acc;
+                *acc += train::sumsq_partials(n);
+                Some(first)
+            })
+            .collect();
+        let ss_at = firsts
+            .last()
+            .map_or(0, |f| f + train::sumsq_partials(sizes[sizes.len() - 1]));
+        let norm = ctx.storage((ss_at + 4) as u64 * 4, "gradient norm");
+        let mut dispatches = Vec::with_capacity(2 * sizes.len() + 1);
+        for ((&t, &n), &first) in grads.iter().zip(&sizes).zip(&firsts) {
+            if n > 0 {
+                dispatches.push(train::grad_sumsq(ctx, self.view(t)?, n, &norm, first)?);
+            }
+        }
+        dispatches.push(train::grad_sumsq_total(
+            ctx,
+            &norm,
+            ss_at,
+            View::at(&self.arena, self.offset(loss)?),
+        )?);
+        for (i, (&t, &n)) in grads.iter().zip(&sizes).enumerate() {
+            if n == 0 {
+                continue;
+            }
+            let hyper = wgpu::BufferBinding {
+                buffer: &hypers,
+                offset: (i * hyper_stride) as u64,
+                size: std::num::NonZeroU64::new(size_of::<AdamWHyper>() as u64),
+            };
+            dispatches.push(train::adamw_clipped(
+                ctx,
+                View::whole(&self.params[i]),
+                self.view(t)?,
+                View::whole(&m[i]),
+                View::whole(&v[i]),
+                n,
+                hyper,
+                &norm,
+                ss_at,
+            )?);
+        }
+        self.resident = Some(Resident {
+            m,
+            v,
+            hypers,
+            hyper_stride,
+            norm,
+            ss_at,
+            dispatches,
+        });
+        Ok(())
+    }
+
+    /// One whole training step on the resident parameters, in one
+    /// submission: forward, loss and backward, the global gradient norm,
+    /// clipping to `opt.max_grad_norm` and AdamW with `opt.lrs` at step
+    /// `opt.t`, skipped (parameters and moments untouched) when the squared
+    /// norm or the loss is not finite. Reads back 16 bytes.
+    pub fn train_step(&mut self, inp: &StepInputs, opt: &GpuOptim) -> Result<GpuStepReport> {
+        self.check_inputs(inp)?;
+        let n = self.graph.params.len();
+        if opt.lrs.len() != n {
+            return Err(Error::Invalid(format!(
+                "{} learning rates for {n} parameter tensors",
+                opt.lrs.len()
+            )));
+        }
+        if opt.t == 0 {
+            return Err(Error::Invalid(
+                "AdamW's step number is 1-based, got 0".into(),
+            ));
+        }
+        let r = self.resident.as_ref().ok_or_else(|| {
+            Error::Invalid("train_step: no resident parameters (call load_params first)".into())
+        })?;
+        self.write_inputs(inp);
+        let mut hypers = vec![0u8; r.hyper_stride * n];
+        for (slot, &lr) in hypers.chunks_exact_mut(r.hyper_stride).zip(&opt.lrs) {
+            let h = AdamWHyper {
+                max_norm: opt.max_grad_norm,
+                ..AdamWHyper::new(&opt.cfg, lr, opt.t)
+            };
+            slot[..size_of::<AdamWHyper>()].copy_from_slice(bytemuck::bytes_of(&h));
+        }
+        if n > 0 {
+            self.ctx.queue.write_buffer(&r.hypers, 0, &hypers);
+        }
+        let mut encoder = self.ctx.encoder();
+        GpuContext::record(&mut encoder, &self.dispatches);
+        GpuContext::record(&mut encoder, &r.dispatches);
+        self.submissions.fetch_add(1, Ordering::Relaxed);
+        let bytes = self.ctx.submit_and_read_via(
+            encoder,
+            &r.norm,
+            r.ss_at as u64 * 4,
+            16,
+            &self.staging,
+        )?;
+        let [ss, skip, nll, count]: [f32; 4] = bytemuck::pod_read_unaligned(&bytes);
+        Ok(GpuStepReport {
+            nll_sum: f64::from(nll),
+            count: count.round() as usize,
+            grad_norm: ss.sqrt(),
+            skipped: skip != 0.0,
+        })
+    }
+
+    /// The parameters on the device, read back in one submission.
+    pub fn params(&self) -> Result<Vec<Vec<f32>>> {
+        self.read_all(&self.params)
+    }
+
+    /// AdamW's moments `(m, v)` on the device, one vector per parameter.
+    pub fn moments(&self) -> Result<(Moments, Moments)> {
+        let r = self.resident()?;
+        Ok((self.read_all(&r.m)?, self.read_all(&r.v)?))
+    }
+
+    /// Replace AdamW's moments (a checkpoint's) after [`GpuStep::load_params`].
+    /// The step number is the caller's: it passes it in each [`GpuOptim`].
+    pub fn set_moments(&mut self, m: &[Vec<f32>], v: &[Vec<f32>]) -> Result<()> {
+        self.check_params(m, "first moment")?;
+        self.check_params(v, "second moment")?;
+        let r = self.resident()?;
+        for (bufs, vals) in [(&r.m, m), (&r.v, v)] {
+            for (buf, x) in bufs.iter().zip(vals) {
+                self.ctx.queue.write_buffer(buf, 0, bytemuck::cast_slice(x));
+            }
+        }
+        Ok(())
+    }
+
+    fn resident(&self) -> Result<&Resident> {
+        self.resident
+            .as_ref()
+            .ok_or_else(|| Error::Invalid("no resident parameters (call load_params first)".into()))
+    }
+
+    /// One f32 vector per parameter from `bufs` (laid out as the
+    /// parameters): gathered into one buffer, read in one submission.
+    fn read_all(&self, bufs: &[Buffer]) -> Result<Vec<Vec<f32>>> {
+        let lens: Vec<usize> = self.graph.params.iter().map(|p| p.shape.numel()).collect();
+        let total: usize = lens.iter().sum();
+        if total == 0 {
+            return Ok(vec![Vec::new(); lens.len()]);
+        }
+        let gather = self.ctx.storage(total as u64 * 4, "read-back gather");
+        let mut encoder = self.ctx.encoder();
+        let mut off = 0u64;
+        for (buf, &n) in bufs.iter().zip(&lens) {
+            if n > 0 {
+                encoder.copy_buffer_to_buffer(buf, 0, &gather, off, n as u64 * 4);
+            }
+            off += n as u64 * 4;
+        }
+        let staging = self.ctx.staging(off);
+        self.submissions.fetch_add(1, Ordering::Relaxed);
+        let bytes = self
+            .ctx
+            .submit_and_read_via(encoder, &gather, 0, off, &staging)?;
+        let all: Vec<f32> = bytemuck::pod_collect_to_vec(&bytes);
+        let mut rest = &all[..];
+        Ok(lens
+            .iter()
+            .map(|&n| {
+                let (head, tail) = rest.split_at(n);
+                rest = tail;
+                head.to_vec()
+            })
+            .collect())
+    }
+
+    /// Write the step inputs and the [`TrainStepParams`] uniform (ordered
+    /// before the next submission).
+    fn write_inputs(&self, inp: &StepInputs) {
+        let q = &self.ctx.queue;
+        let b = &self.inputs;
+        q.write_buffer(&b.tokens, 0, bytemuck::cast_slice(inp.tokens));
+        q.write_buffer(&b.targets, 0, bytemuck::cast_slice(inp.targets));
+        q.write_buffer(&b.positions, 0, bytemuck::cast_slice(inp.positions));
+        q.write_buffer(&b.seg_start, 0, bytemuck::cast_slice(inp.seg_start));
+        let sp = TrainStepParams::new(inp.seed, inp.loss_scale);
+        q.write_buffer(&self.step, 0, bytemuck::bytes_of(&sp));
     }
 
     /// Gradient of parameter `i` after [`GpuStep::run`], read back.
@@ -260,6 +544,7 @@ impl GpuStep {
             .ok_or_else(|| Error::Invalid(format!("no tensor {t} in the graph")))?
             .shape
             .numel();
+        self.submissions.fetch_add(1, Ordering::Relaxed);
         self.ctx.read_f32(&self.arena, self.offset(t)?, n)
     }
 
@@ -275,7 +560,7 @@ impl GpuStep {
 
     /// The step's inputs as [`crate::backend::cpu::train::CpuStep`] checks
     /// them: the kernels index with them unchecked.
-    fn check(&self, inp: &StepInputs, params: &[Vec<f32>]) -> Result<()> {
+    fn check_inputs(&self, inp: &StepInputs) -> Result<()> {
         let g = &self.graph;
         let n = g.n_tokens();
         for (what, v) in [
@@ -312,9 +597,15 @@ impl GpuStep {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// One vector of `what` per parameter, each of the parameter's size.
+    fn check_params(&self, params: &[Vec<f32>], what: &str) -> Result<()> {
+        let g = &self.graph;
         if params.len() != g.params.len() {
             return Err(Error::Invalid(format!(
-                "{} parameter tensors given, the graph has {}",
+                "{} {what} tensors given, the graph has {}",
                 params.len(),
                 g.params.len()
             )));
@@ -322,7 +613,7 @@ impl GpuStep {
         for (p, v) in g.params.iter().zip(params) {
             if v.len() != p.shape.numel() {
                 return Err(Error::Invalid(format!(
-                    "parameter {} has {} values, expected {}",
+                    "{what} {} has {} values, expected {}",
                     p.name,
                     v.len(),
                     p.shape.numel()
