@@ -120,14 +120,16 @@ pub fn run(a: TrainBenchArgs) -> Result<(), Error> {
         r.losses.first().copied().unwrap_or(f32::NAN),
         r.losses.last().copied().unwrap_or(f32::NAN)
     );
-    let step: f64 = r.profile.iter().map(|e| e.2).sum();
-    report!(out, "one step     {step:.2} s:");
-    for (name, calls, secs) in r.profile.iter().take(12) {
-        report!(
-            out,
-            "  {name:<16} {calls:>5} calls {secs:>8.3} s {:>5.1}%",
-            100.0 * secs / step.max(1e-12)
-        );
+    if !r.profile.is_empty() {
+        let step: f64 = r.profile.iter().map(|e| e.2).sum();
+        report!(out, "one step     {step:.2} s:");
+        for (name, calls, secs) in r.profile.iter().take(12) {
+            report!(
+                out,
+                "  {name:<16} {calls:>5} calls {secs:>8.3} s {:>5.1}%",
+                100.0 * secs / step.max(1e-12)
+            );
+        }
     }
     print!("{out}");
     Ok(())
