@@ -16,6 +16,8 @@
 pub mod autodiff;
 pub mod build;
 pub mod plan;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use build::{DecoderGraph, GraphHook, LinearSite, Target};
 pub use plan::{MemoryPlan, PlanOptions};
@@ -333,5 +335,70 @@ impl Graph {
             count(Phase::Recompute),
             count(Phase::Backward),
         )
+    }
+
+    /// Check a step's inputs against this graph: lengths, token ids below
+    /// `vocab`, positions and segment starts inside a sequence. Errors name
+    /// the input and the token.
+    pub fn check_inputs(&self, inp: &StepInputs, vocab: usize) -> crate::Result<()> {
+        let bad = |m: String| Err(crate::Error::Invalid(m));
+        let n = self.n_tokens();
+        for (what, v) in [
+            ("tokens", inp.tokens),
+            ("targets", inp.targets),
+            ("positions", inp.positions),
+            ("seg_start", inp.seg_start),
+        ] {
+            if v.len() != n {
+                return bad(format!(
+                    "step input {what} has {} values, the graph takes {n} ({} × {})",
+                    v.len(),
+                    self.batch,
+                    self.seq
+                ));
+            }
+        }
+        if let Some((i, &t)) = inp
+            .tokens
+            .iter()
+            .enumerate()
+            .find(|&(_, &t)| t as usize >= vocab)
+        {
+            return bad(format!(
+                "token {i}: id {t} is outside the vocabulary of {vocab}"
+            ));
+        }
+        for (i, (&p, &s)) in inp.positions.iter().zip(inp.seg_start).enumerate() {
+            if p as usize >= self.seq || s as usize > i % self.seq {
+                return bad(format!(
+                    "token {i}: position {p} or segment start {s} out of range for sequences of {}",
+                    self.seq
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Check one vector of `what` (parameters, moments) per parameter, each
+    /// of the parameter's size.
+    pub fn check_params(&self, params: &[Vec<f32>], what: &str) -> crate::Result<()> {
+        if params.len() != self.params.len() {
+            return Err(crate::Error::Invalid(format!(
+                "{} {what} tensors given, the graph has {}",
+                params.len(),
+                self.params.len()
+            )));
+        }
+        for (p, v) in self.params.iter().zip(params) {
+            if v.len() != p.shape.numel() {
+                return Err(crate::Error::Invalid(format!(
+                    "{what} {} has {} values, expected {}",
+                    p.name,
+                    v.len(),
+                    p.shape.numel()
+                )));
+            }
+        }
+        Ok(())
     }
 }

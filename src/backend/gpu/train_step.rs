@@ -561,66 +561,11 @@ impl GpuStep {
     /// The step's inputs as [`crate::backend::cpu::train::CpuStep`] checks
     /// them: the kernels index with them unchecked.
     fn check_inputs(&self, inp: &StepInputs) -> Result<()> {
-        let g = &self.graph;
-        let n = g.n_tokens();
-        for (what, v) in [
-            ("tokens", inp.tokens),
-            ("targets", inp.targets),
-            ("positions", inp.positions),
-            ("seg_start", inp.seg_start),
-        ] {
-            if v.len() != n {
-                return Err(Error::Invalid(format!(
-                    "step input {what} has {} values, the graph takes {n} ({} × {})",
-                    v.len(),
-                    g.batch,
-                    g.seq
-                )));
-            }
-        }
-        if let Some((i, &t)) = inp
-            .tokens
-            .iter()
-            .enumerate()
-            .find(|&(_, &t)| t as usize >= self.vocab)
-        {
-            return Err(Error::Invalid(format!(
-                "token {i}: id {t} is outside the vocabulary of {}",
-                self.vocab
-            )));
-        }
-        for (i, (&p, &s)) in inp.positions.iter().zip(inp.seg_start).enumerate() {
-            if p as usize >= g.seq || s as usize > i % g.seq {
-                return Err(Error::Invalid(format!(
-                    "token {i}: position {p} or segment start {s} out of range for sequences of {}",
-                    g.seq
-                )));
-            }
-        }
-        Ok(())
+        self.graph.check_inputs(inp, self.vocab)
     }
 
-    /// One vector of `what` per parameter, each of the parameter's size.
     fn check_params(&self, params: &[Vec<f32>], what: &str) -> Result<()> {
-        let g = &self.graph;
-        if params.len() != g.params.len() {
-            return Err(Error::Invalid(format!(
-                "{} {what} tensors given, the graph has {}",
-                params.len(),
-                g.params.len()
-            )));
-        }
-        for (p, v) in g.params.iter().zip(params) {
-            if v.len() != p.shape.numel() {
-                return Err(Error::Invalid(format!(
-                    "{what} {} has {} values, expected {}",
-                    p.name,
-                    v.len(),
-                    p.shape.numel()
-                )));
-            }
-        }
-        Ok(())
+        self.graph.check_params(params, what)
     }
 
     /// The view of tensor `t`: its parameter buffer or its place in the arena.

@@ -10,6 +10,7 @@ use super::GpuStep;
 use crate::backend::cpu::train::CpuStep;
 use crate::backend::gpu::train::GpuOptim;
 use crate::backend::gpu::{GpuContext, testing};
+use crate::graph::testing::{TinyBatch, inputs, tiny_batch};
 use crate::graph::{DecoderGraph, Graph, MemoryPlan, StepInputs, autodiff, plan};
 use crate::model::Model;
 use crate::model::tiny::{Cfg, values, write_model};
@@ -19,45 +20,6 @@ use crate::quant::GgmlType;
 use crate::train::optim::{AdamWConfig, AdamWState, clip_scale, global_norm};
 use std::collections::BTreeSet;
 use std::sync::Arc;
-
-/// A packed batch of two sequences of 8: row 0 one example, row 1 two (the
-/// second starting at 5); token 1's target masked as a prompt's would be
-/// (as `backend::cpu::train::tests::tiny_batch`).
-struct TinyBatch {
-    tokens: Vec<u32>,
-    targets: Vec<u32>,
-    positions: Vec<u32>,
-    seg_start: Vec<u32>,
-}
-
-fn tiny_batch(vocab: u32) -> TinyBatch {
-    let tokens: Vec<u32> = (0..16).map(|i| (i * 7 + 3) % vocab).collect();
-    let seg_start: Vec<u32> = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 5, 5].to_vec();
-    let positions: Vec<u32> = (0..16).map(|i| (i % 8) - seg_start[i as usize]).collect();
-    let mut targets = vec![u32::MAX; 16];
-    for i in 0..16 {
-        if i % 8 != 7 && seg_start[i + 1] == seg_start[i] && i != 1 {
-            targets[i] = tokens[i + 1];
-        }
-    }
-    TinyBatch {
-        tokens,
-        targets,
-        positions,
-        seg_start,
-    }
-}
-
-fn inputs(b: &TinyBatch, loss_scale: f32) -> StepInputs<'_> {
-    StepInputs {
-        tokens: &b.tokens,
-        targets: &b.targets,
-        positions: &b.positions,
-        seg_start: &b.seg_start,
-        loss_scale,
-        seed: 5,
-    }
-}
 
 /// A tiny model, its LoRA graph (rank 2, every target, `dropout`), and
 /// parameters with B not zero (so that A's gradients are not zero).

@@ -14,9 +14,9 @@ mod tests;
 
 use super::gemm::{Operand, matmul_into};
 use super::matmul::QMatrix;
+use crate::Result;
 use crate::graph::{Graph, MemoryPlan, Op, StepInputs, TensorId, TensorKind};
 use crate::model::{Model, Rope};
-use crate::{Error, Result};
 use attention::{AttnSaved, Rows};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -164,55 +164,9 @@ impl<'m> CpuStep<'m> {
     }
 
     fn check(&self, inp: &StepInputs, params: &[Vec<f32>]) -> Result<()> {
-        let g = &self.graph;
-        let n = g.n_tokens();
-        for (what, v) in [
-            ("tokens", inp.tokens),
-            ("targets", inp.targets),
-            ("positions", inp.positions),
-            ("seg_start", inp.seg_start),
-        ] {
-            if v.len() != n {
-                return Err(Error::Invalid(format!(
-                    "step input {what} has {} values, the graph takes {n} ({} × {})",
-                    v.len(),
-                    g.batch,
-                    g.seq
-                )));
-            }
-        }
-        let vocab = g.frozen.iter().map(|w| w.rows).max().unwrap_or(0);
-        if let Some(&t) = inp.tokens.iter().find(|&&t| t as usize >= vocab) {
-            return Err(Error::Invalid(format!(
-                "token id {t} is outside the vocabulary"
-            )));
-        }
-        for (i, (&p, &s)) in inp.positions.iter().zip(inp.seg_start).enumerate() {
-            if p as usize >= g.seq || s as usize > i % g.seq {
-                return Err(Error::Invalid(format!(
-                    "token {i}: position {p} or segment start {s} out of range for sequences of {}",
-                    g.seq
-                )));
-            }
-        }
-        if params.len() != g.params.len() {
-            return Err(Error::Invalid(format!(
-                "{} parameter tensors given, the graph has {}",
-                params.len(),
-                g.params.len()
-            )));
-        }
-        for (p, v) in g.params.iter().zip(params) {
-            if v.len() != p.shape.numel() {
-                return Err(Error::Invalid(format!(
-                    "parameter {} has {} values, expected {}",
-                    p.name,
-                    v.len(),
-                    p.shape.numel()
-                )));
-            }
-        }
-        Ok(())
+        let vocab = self.graph.frozen.iter().map(|w| w.rows).max().unwrap_or(0);
+        self.graph.check_inputs(inp, vocab)?;
+        self.graph.check_params(params, "parameter")
     }
 
     fn run_nodes(&mut self, inp: &StepInputs, params: &[Vec<f32>]) -> Result<(f64, usize)> {

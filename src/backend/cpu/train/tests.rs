@@ -6,6 +6,7 @@ use super::attention::{AttnSaved, Rows, attention_backward, attention_forward};
 use super::loss::loss_head;
 use super::ops::*;
 use crate::backend::cpu::matmul::QMatrix;
+use crate::graph::testing::{inputs, tiny_batch};
 use crate::graph::{AttnGeom, DecoderGraph, MemoryPlan, StepInputs, autodiff, plan};
 use crate::model::tiny::{Cfg, values, write_model};
 use crate::model::{Activation, Model, Rope, RopeKind};
@@ -194,45 +195,6 @@ fn loss_head_gradient_matches_finite_differences() {
         let mut d = vec![0.0; n * c];
         0.25 * loss_head(x, &m, &targets, 0.25, 2, &mut lg, &mut wb, &mut d, 1).0
     });
-}
-
-/// A packed batch of two sequences of 8: row 0 one example, row 1 two.
-struct TinyBatch {
-    tokens: Vec<u32>,
-    targets: Vec<u32>,
-    positions: Vec<u32>,
-    seg_start: Vec<u32>,
-}
-
-fn tiny_batch(vocab: u32) -> TinyBatch {
-    let tokens: Vec<u32> = (0..16).map(|i| (i * 7 + 3) % vocab).collect();
-    let seg_start: Vec<u32> = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 5, 5].to_vec();
-    let positions: Vec<u32> = (0..16).map(|i| (i % 8) - seg_start[i as usize]).collect();
-    let mut targets = vec![u32::MAX; 16];
-    for i in 0..16 {
-        // Predict the next token of the same example; token 1's target is
-        // masked, as a prompt token would be.
-        if i % 8 != 7 && seg_start[i + 1] == seg_start[i] && i != 1 {
-            targets[i] = tokens[i + 1];
-        }
-    }
-    TinyBatch {
-        tokens,
-        targets,
-        positions,
-        seg_start,
-    }
-}
-
-fn inputs(b: &TinyBatch, loss_scale: f32) -> StepInputs<'_> {
-    StepInputs {
-        tokens: &b.tokens,
-        targets: &b.targets,
-        positions: &b.positions,
-        seg_start: &b.seg_start,
-        loss_scale,
-        seed: 5,
-    }
 }
 
 /// The whole model's LoRA gradients against finite differences of its loss.
