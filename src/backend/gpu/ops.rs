@@ -3,7 +3,7 @@
 //! negative log-likelihood, argmax and sampling.
 //!
 //! Each function checks its shapes, compiles (once) its pipeline and returns
-//! a [`Dispatch`] to record; none of them submits. Values that change every
+//! a `Dispatch` to record; none of them submits. Values that change every
 //! step (the first position, the sampling draw) live in small uniform buffers
 //! the host rewrites before each submission ([`StepParams`],
 //! [`SampleParams`]), so a step's dispatches are recorded once and reused.
@@ -48,7 +48,7 @@ pub struct StepParams {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, bytemuck::Pod, bytemuck::Zeroable)]
 pub struct SampleParams {
-    /// Softmax temperature, > 0 (the host uses [`argmax`] for 0).
+    /// Softmax temperature, > 0 (the host uses `argmax` for 0).
     pub temperature: f32,
     /// Keep the tokens whose logit is at least the `top_k`-th largest (`0`: all).
     pub top_k: u32,
@@ -707,7 +707,7 @@ pub(crate) fn sample(
     ))
 }
 
-/// The CPU definition of what [`sample`] draws (in f64):
+/// The CPU definition of what `sample` draws (in f64):
 ///
 /// 1. `m` = the largest logit; weights `w_i = exp((l_i − m) / temperature)`.
 /// 2. Top-k: keep the logits ≥ the `top_k`-th largest (all when `top_k` is
@@ -722,7 +722,7 @@ pub(crate) fn sample(
 /// Logits are compared in IEEE total order ([`f32::total_cmp`]). Because the
 /// draw walks the kept tokens in index order, not in order of probability,
 /// a given `u` (and so a given seed) does not pick the same token as the CPU
-/// sampler ([`crate::infer::sample::Sampler`]), which walks them sorted; the
+/// sampler ([`crate::infer::Sampler`]), which walks them sorted; the
 /// distribution is the same.
 pub fn sample_reference(logits: &[f32], p: &SampleParams) -> u32 {
     if logits.is_empty() {

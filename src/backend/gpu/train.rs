@@ -191,7 +191,7 @@ pub struct AdamWHyper {
     /// `1 / √(1 − β2^t)`.
     pub inv_sqrt_bc2: f32,
     /// Largest global gradient norm before clipping (≤ 0: no clipping);
-    /// only [`adamw_clipped`] reads it.
+    /// only `adamw_clipped` reads it.
     pub max_norm: f32,
 }
 
