@@ -164,10 +164,7 @@ impl StepArgs {
     /// Worker threads, with 0 resolved to one per core (the memory plan
     /// sizes per-thread scratch, so it needs the real count).
     pub fn threads(&self) -> usize {
-        match self.threads {
-            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-            n => n,
-        }
+        edgetune::backend::cpu::resolve_threads(self.threads)
     }
 }
 

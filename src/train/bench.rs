@@ -124,10 +124,7 @@ pub fn bench_train(
     progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
 ) -> Result<TrainBenchResult> {
     let spec = model.spec();
-    let threads = match o.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
+    let threads = crate::backend::cpu::resolve_threads(o.threads);
     let lora = Lora::new(o.lora.clone(), spec.layers.len())?;
     let per_step = o.batch * o.seq;
     let total = o.warmup + o.steps;

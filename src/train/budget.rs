@@ -143,9 +143,7 @@ pub fn plan_step(
         weights: weight_bytes(s.spec),
         adapter: 4 * n_params * copies,
         activations: plan.arena_bytes(),
-        workspace: workspace_bytes(&graph, DEFAULT_LOSS_CHUNK, s.spec.n_vocab)
-            + threads * per_thread
-            + loss_partials,
+        workspace: workspace_bytes(&graph, s.spec.n_vocab) + threads * per_thread + loss_partials,
         runtime: RUNTIME_BYTES + s.data_bytes,
         micro_batch,
         grad_accum,

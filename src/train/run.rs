@@ -279,10 +279,7 @@ pub fn train(
     let cfg = resumed
         .as_ref()
         .map_or_else(|| req.config.clone(), |c| c.config.clone());
-    let threads = match req.threads {
-        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
-        n => n,
-    };
+    let threads = crate::backend::cpu::resolve_threads(req.threads);
     cfg.validate()?;
     let spec = req.model.spec();
     let lora = Lora::new(cfg.lora.clone(), spec.layers.len())?;

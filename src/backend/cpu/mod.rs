@@ -12,6 +12,14 @@ pub mod train;
 
 pub use crate::backend::Logits;
 pub(crate) use decoder::thread_pool;
+
+/// Worker threads for a request of `threads` (0: one per core).
+pub fn resolve_threads(threads: usize) -> usize {
+    match threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
 pub use decoder::{CpuDecoder, CpuOptions, KvCache};
 pub use matmul::MatvecMode;
 pub use session::CpuSession;

@@ -493,47 +493,7 @@ pub(crate) fn linear(
     y: View,
     n_tok: usize,
 ) -> Result<Vec<Dispatch>> {
-    let op = "linear";
-    let rb = w.check(op)?;
-    nonempty(n_tok * w.rows, op)?;
-    let (xb, x_off) = bind(ctx, x, n_tok * w.cols, op, "x")?;
-    let (yb, y_off) = bind(ctx, y, n_tok * w.rows, op, "y")?;
-    let pipeline = linear_pipeline(ctx, w.ty, op)?;
-    let tok_groups = to_u32(n_tok.div_ceil(LINEAR_TILE), op, "token tiles")?;
-    if tok_groups > 65_535 {
-        return Err(Error::Invalid(format!(
-            "{op}: {n_tok} tokens in one dispatch"
-        )));
-    }
-    let mut out = Vec::with_capacity(w.parts.len());
-    for part in &w.parts {
-        let params = LinearParams {
-            rows: to_u32(part.rows, op, "rows")?,
-            cols: to_u32(w.cols, op, "cols")?,
-            n_tok: to_u32(n_tok, op, "tokens")?,
-            row_bytes: to_u32(rb, op, "row bytes")?,
-            x_off,
-            x_stride: w.cols as u32,
-            y_off: y_off + to_u32(part.row0, op, "rows")?,
-            y_stride: to_u32(w.rows, op, "rows")?,
-            accumulate: 0,
-            _pad: [0; 3],
-        };
-        let u = ctx.uniform(&params, "linear params");
-        let mut g = groups(part.rows, LINEAR_TILE, op)?;
-        g[2] = tok_groups;
-        out.push(ctx.dispatch(
-            &pipeline,
-            &[
-                u.as_entire_binding(),
-                part.buffer.as_entire_binding(),
-                xb.clone(),
-                yb.clone(),
-            ],
-            g,
-        ));
-    }
-    Ok(out)
+    frozen_product(ctx, w, x, y, n_tok, false)
 }
 
 /// `dx (n_tok, cols) = dy (n_tok, rows) · W` ([`crate::graph::Op::LinearBackX`]):
@@ -546,11 +506,34 @@ pub(crate) fn linear_back_x(
     dx: View,
     n_tok: usize,
 ) -> Result<Vec<Dispatch>> {
-    let op = "linear_back_x";
+    frozen_product(ctx, w, dy, dx, n_tok, true)
+}
+
+/// The dispatches of [`linear`] (`back` false: `a = x`, `b = y`) and
+/// [`linear_back_x`] (`back` true: `a = dy`, `b = dx`): the entry point of
+/// train_linear.wgsl of the same name, once per part of `w`.
+fn frozen_product(
+    ctx: &GpuContext,
+    w: &QuantMatrix,
+    a: View,
+    b: View,
+    n_tok: usize,
+    back: bool,
+) -> Result<Vec<Dispatch>> {
+    let (op, a_name, b_name) = if back {
+        ("linear_back_x", "dy", "dx")
+    } else {
+        ("linear", "x", "y")
+    };
     let rb = w.check(op)?;
-    nonempty(n_tok * w.cols, op)?;
-    let (dyb, dy_off) = bind(ctx, dy, n_tok * w.rows, op, "dy")?;
-    let (dxb, dx_off) = bind(ctx, dx, n_tok * w.cols, op, "dx")?;
+    let (n_in, n_out) = if back {
+        (w.rows, w.cols)
+    } else {
+        (w.cols, w.rows)
+    };
+    nonempty(n_tok * n_out, op)?;
+    let (ab, a_off) = bind(ctx, a, n_tok * n_in, op, a_name)?;
+    let (bb, b_off) = bind(ctx, b, n_tok * n_out, op, b_name)?;
     let pipeline = linear_pipeline(ctx, w.ty, op)?;
     let tok_groups = to_u32(n_tok.div_ceil(LINEAR_TILE), op, "token tiles")?;
     if tok_groups > 65_535 {
@@ -560,28 +543,36 @@ pub(crate) fn linear_back_x(
     }
     let mut out = Vec::with_capacity(w.parts.len());
     for (i, part) in w.parts.iter().enumerate() {
+        let row0 = to_u32(part.row0, op, "rows")?;
+        // Forward: each part writes its own output columns. Backward: each
+        // part reads its columns of dy and adds into all of dx.
+        let (x_off, y_off) = if back {
+            (a_off + row0, b_off)
+        } else {
+            (a_off, b_off + row0)
+        };
         let params = LinearParams {
             rows: to_u32(part.rows, op, "rows")?,
             cols: to_u32(w.cols, op, "cols")?,
             n_tok: to_u32(n_tok, op, "tokens")?,
             row_bytes: to_u32(rb, op, "row bytes")?,
-            x_off: dy_off + to_u32(part.row0, op, "rows")?,
-            x_stride: to_u32(w.rows, op, "rows")?,
-            y_off: dx_off,
-            y_stride: to_u32(w.cols, op, "cols")?,
-            accumulate: u32::from(i > 0),
+            x_off,
+            x_stride: to_u32(n_in, op, "input width")?,
+            y_off,
+            y_stride: to_u32(n_out, op, "output width")?,
+            accumulate: u32::from(back && i > 0),
             _pad: [0; 3],
         };
-        let u = ctx.uniform(&params, "linear_back_x params");
-        let mut g = groups(w.cols, LINEAR_TILE, op)?;
+        let u = ctx.uniform(&params, op);
+        let mut g = groups(if back { w.cols } else { part.rows }, LINEAR_TILE, op)?;
         g[2] = tok_groups;
         out.push(ctx.dispatch(
             &pipeline,
             &[
                 u.as_entire_binding(),
                 part.buffer.as_entire_binding(),
-                dyb.clone(),
-                dxb.clone(),
+                ab.clone(),
+                bb.clone(),
             ],
             g,
         ));

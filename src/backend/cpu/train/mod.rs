@@ -62,9 +62,10 @@ pub struct CpuStep<'m> {
     pub profile: Option<StepProfile>,
 }
 
-/// Bytes of the scratch a [`CpuStep`] allocates besides its arena: the
-/// widest frozen matrix decoded to f32 and the loss head's logits.
-pub fn workspace_bytes(g: &Graph, loss_chunk: usize, n_vocab: usize) -> u64 {
+/// Lengths in f32 of the scratch a [`CpuStep`] allocates besides its arena:
+/// the widest frozen matrix decoded for one product, the loss head's
+/// `chunk × vocab` logits, and its block of decoded output rows.
+fn scratch_lens(g: &Graph, n_vocab: usize) -> [usize; 3] {
     let widest = g
         .nodes
         .iter()
@@ -74,9 +75,25 @@ pub fn workspace_bytes(g: &Graph, loss_chunk: usize, n_vocab: usize) -> u64 {
         })
         .max()
         .unwrap_or(0);
-    4 * (widest
-        + loss_chunk.min(g.n_tokens()) * n_vocab
-        + loss::BLOCK.min(n_vocab) * g.frozen[0].cols) as u64
+    let n_embd = g
+        .nodes
+        .iter()
+        .find_map(|n| match n.op {
+            Op::LossHead { w } => Some(g.frozen[w].cols),
+            _ => None,
+        })
+        .unwrap_or(0);
+    [
+        widest,
+        DEFAULT_LOSS_CHUNK.min(g.n_tokens()) * n_vocab,
+        loss::BLOCK.min(n_vocab) * n_embd,
+    ]
+}
+
+/// Bytes of the scratch a [`CpuStep`] allocates besides its arena (see
+/// `scratch_lens`).
+pub fn workspace_bytes(g: &Graph, n_vocab: usize) -> u64 {
+    4 * scratch_lens(g, n_vocab).iter().sum::<usize>() as u64
 }
 
 impl<'m> CpuStep<'m> {
@@ -102,28 +119,14 @@ impl<'m> CpuStep<'m> {
                 ropes.push((rope, ops::rope_table(&rope, graph.seq)));
             }
         }
-        let n_vocab = model.spec().n_vocab;
-        let loss_chunk = DEFAULT_LOSS_CHUNK.min(graph.n_tokens());
-        let widest = graph
-            .nodes
-            .iter()
-            .filter_map(|n| match n.op {
-                Op::Linear { w } | Op::LinearBackX { w } => Some(graph.frozen[w].numel()),
-                _ => None,
-            })
-            .max()
-            .unwrap_or(0);
+        let [widest, logits, wblock] = scratch_lens(&graph, model.spec().n_vocab);
         Ok(CpuStep {
             arena: vec![0.0; plan.arena_len],
             wscratch: vec![0.0; widest],
-            logits: vec![0.0; loss_chunk * n_vocab],
-            wblock: vec![0.0; loss::BLOCK.min(n_vocab) * model.spec().n_embd],
-            loss_chunk,
-            threads: if threads == 0 {
-                std::thread::available_parallelism().map_or(1, |n| n.get())
-            } else {
-                threads
-            },
+            logits: vec![0.0; logits],
+            wblock: vec![0.0; wblock],
+            loss_chunk: DEFAULT_LOSS_CHUNK.min(graph.n_tokens()),
+            threads: super::resolve_threads(threads),
             pool: super::thread_pool(threads)?,
             graph,
             plan,

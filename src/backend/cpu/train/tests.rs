@@ -118,6 +118,39 @@ fn dropout_is_its_own_backward() {
     });
 }
 
+/// Check attention's dq, dk, dv against finite differences of `Σ r ⊙ o`
+/// (every `stride`-th element), with random inputs from `seed`; returns
+/// the inputs and the forward output.
+fn check_attention(rows: &Rows, geom: &AttnGeom, seed: u64, stride: usize) -> (Vec<f32>, Vec<f32>) {
+    let n = rows.batch * rows.seq;
+    let (qd, kvd) = (geom.n_head * geom.head_dim, geom.n_kv_head * geom.head_dim);
+    let q = values(seed, n * qd, 1.0);
+    let k = values(seed + 1, n * kvd, 1.0);
+    let v = values(seed + 2, n * kvd, 1.0);
+    let r = values(seed + 3, n * qd, 1.0);
+    let forward = |q: &[f32], k: &[f32], v: &[f32]| {
+        let mut o = vec![0.0; n * qd];
+        let mut lse = vec![0.0; n * geom.n_head];
+        attention_forward(q, k, v, rows, geom, &mut o, &mut lse);
+        (o, lse)
+    };
+    let (o, lse) = forward(&q, &k, &v);
+    let saved = AttnSaved {
+        q: &q,
+        k: &k,
+        v: &v,
+        o: &o,
+        lse: &lse,
+    };
+    let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
+    attention_backward(&saved, &r, rows, geom, &mut dq, &mut dk, &mut dv);
+    let f = |q: &[f32], k: &[f32], v: &[f32]| dot(&forward(q, k, v).0, &r);
+    check_grad("attention.q", &q, &dq, stride, &mut |x| f(x, &k, &v));
+    check_grad("attention.k", &k, &dk, stride, &mut |x| f(&q, x, &v));
+    check_grad("attention.v", &v, &dv, stride, &mut |x| f(&q, &k, x));
+    (v, o)
+}
+
 #[test]
 fn attention_backward_matches_finite_differences() {
     // Two sequences of 6; the second packs two examples (starting at 0 and 2).
@@ -135,32 +168,7 @@ fn attention_backward_matches_finite_differences() {
             scale: 0.5,
             window,
         };
-        let n = 12;
-        let q = values(12, n * 16, 1.0);
-        let k = values(13, n * 8, 1.0);
-        let v = values(14, n * 8, 1.0);
-        let r = values(15, n * 16, 1.0);
-        let mut o = vec![0.0; n * 16];
-        let mut lse = vec![0.0; n * 4];
-        attention_forward(&q, &k, &v, &rows, &geom, &mut o, &mut lse);
-        let saved = AttnSaved {
-            q: &q,
-            k: &k,
-            v: &v,
-            o: &o,
-            lse: &lse,
-        };
-        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-        attention_backward(&saved, &r, &rows, &geom, &mut dq, &mut dk, &mut dv);
-        let f = |q: &[f32], k: &[f32], v: &[f32]| {
-            let mut o = vec![0.0; n * 16];
-            let mut lse = vec![0.0; n * 4];
-            attention_forward(q, k, v, &rows, &geom, &mut o, &mut lse);
-            dot(&o, &r)
-        };
-        check_grad("attention.q", &q, &dq, 1, &mut |x| f(x, &k, &v));
-        check_grad("attention.k", &k, &dk, 1, &mut |x| f(&q, x, &v));
-        check_grad("attention.v", &v, &dv, 1, &mut |x| f(&q, &k, x));
+        let (v, o) = check_attention(&rows, &geom, 12, 1);
         // The masks hold: token 2 of sequence 1 starts a new example and
         // sees only itself, so its output is its own value rows.
         let t = 6 + 2;
@@ -336,30 +344,6 @@ fn attention_over_several_query_blocks_matches_finite_differences() {
             scale: 0.5,
             window,
         };
-        let q = values(20, seq * 8, 1.0);
-        let k = values(21, seq * 4, 1.0);
-        let v = values(22, seq * 4, 1.0);
-        let r = values(23, seq * 8, 1.0);
-        let mut o = vec![0.0; seq * 8];
-        let mut lse = vec![0.0; seq * 2];
-        attention_forward(&q, &k, &v, &rows, &geom, &mut o, &mut lse);
-        let saved = AttnSaved {
-            q: &q,
-            k: &k,
-            v: &v,
-            o: &o,
-            lse: &lse,
-        };
-        let (mut dq, mut dk, mut dv) = (vec![0.0; q.len()], vec![0.0; k.len()], vec![0.0; v.len()]);
-        attention_backward(&saved, &r, &rows, &geom, &mut dq, &mut dk, &mut dv);
-        let f = |q: &[f32], k: &[f32], v: &[f32]| {
-            let mut o = vec![0.0; seq * 8];
-            let mut lse = vec![0.0; seq * 2];
-            attention_forward(q, k, v, &rows, &geom, &mut o, &mut lse);
-            dot(&o, &r)
-        };
-        check_grad("attention.q", &q, &dq, 7, &mut |x| f(x, &k, &v));
-        check_grad("attention.k", &k, &dk, 5, &mut |x| f(&q, x, &v));
-        check_grad("attention.v", &v, &dv, 5, &mut |x| f(&q, &k, x));
+        check_attention(&rows, &geom, 20, 5);
     }
 }
