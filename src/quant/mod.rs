@@ -256,9 +256,18 @@ pub fn matvec_q8(ty: GgmlType, src: &[u8], a: &QuantizedActivation, out: &mut [f
 /// The instruction set the kernels run with on this CPU: `"avx2+fma+f16c"` or
 /// `"portable"` (also when `EDGETUNE_PORTABLE=1` forces it).
 pub fn cpu_features() -> &'static str {
-    match simd::level() {
-        simd::Level::Portable => "portable",
-        #[cfg(target_arch = "x86_64")]
-        simd::Level::Avx2(_) => "avx2+fma+f16c",
+    if wide_simd() {
+        return "avx2+fma+f16c";
     }
+    "portable"
+}
+
+/// Whether the AVX2+FMA kernels are chosen (false with `EDGETUNE_PORTABLE=1`):
+/// other modules' `#[target_feature]` paths follow the same choice.
+pub(crate) fn wide_simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if let simd::Level::Avx2(_) = simd::level() {
+        return true;
+    }
+    false
 }

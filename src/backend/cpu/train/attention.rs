@@ -60,27 +60,13 @@ fn probabilities(
         let lo = rows.lo(b, t, geom.window) - k0;
         let hi = t - k0;
         let r = &mut s[(t - t0) * w..(t - t0 + 1) * w];
+        let live = &mut r[lo..=hi];
         match lse_in {
-            Some(lse) => {
-                let l = lse(t);
-                for v in &mut r[lo..=hi] {
-                    *v = fastmath::exp(*v * geom.scale - l);
-                }
-            }
+            Some(lse) => fastmath::exp_shift(live, geom.scale, lse(t)),
             None => {
-                let mut m = f32::NEG_INFINITY;
-                for v in &mut r[lo..=hi] {
-                    *v *= geom.scale;
-                    m = m.max(*v);
-                }
-                let mut sum = 0.0;
-                for v in &mut r[lo..=hi] {
-                    *v = fastmath::exp(*v - m);
-                    sum += *v;
-                }
-                for v in &mut r[lo..=hi] {
-                    *v /= sum;
-                }
+                let m = fastmath::max(live) * geom.scale;
+                let sum = fastmath::exp_sum(live, geom.scale, m);
+                fastmath::scale(live, 1.0 / sum);
                 lse_out[t - t0] = m + sum.ln();
             }
         }
@@ -218,11 +204,9 @@ pub fn attention_backward(
                     matmul_into(m, w, d, dop, vo.t(), &mut dp, w, false, 1);
                     for t in t0..t1 {
                         let i = t - t0;
-                        let dot: f32 = (0..d).map(|c| dos[t * qd + c] * os[t * qd + c]).sum();
+                        let dot = fastmath::dot(&dos[t * qd..t * qd + d], &os[t * qd..t * qd + d]);
                         let (pr, dr) = (&p[i * w..(i + 1) * w], &mut dp[i * w..(i + 1) * w]);
-                        for (x, &pv) in dr.iter_mut().zip(pr) {
-                            *x = pv * (*x - dot) * geom.scale;
-                        }
+                        fastmath::softmax_back(dr, pr, dot, geom.scale);
                     }
                     let ds = Operand::new(&dp, w);
                     matmul_into(m, d, w, ds, ko, &mut dq_h[t0 * d..], d, false, 1);

@@ -70,15 +70,19 @@ pub fn loss_head(
             .zip(idx.par_iter())
             .map(|(r, &row)| {
                 let t = targets[row] as usize;
-                let m = r.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f64 = r.iter().map(|&x| f64::from(fastmath::exp(x - m))).sum();
+                let target_logit = r[t];
+                let m = fastmath::max(r);
+                // e^(x − m) in place, summed per 1024 values in f32 lanes and
+                // across them in f64.
+                let sum: f64 = r
+                    .chunks_mut(1024)
+                    .map(|c| f64::from(fastmath::exp_sum(c, 1.0, m)))
+                    .sum();
                 let lse = m + sum.ln() as f32;
-                let nll = f64::from(lse - r[t]);
-                for x in r.iter_mut() {
-                    *x = fastmath::exp(*x - lse) * loss_scale;
-                }
+                // dlogits = loss_scale · (softmax − onehot).
+                fastmath::scale(r, (f64::from(loss_scale) / sum) as f32);
                 r[t] -= loss_scale;
-                nll
+                f64::from(lse - target_logit)
             })
             .collect();
         total += nll.iter().sum::<f64>();

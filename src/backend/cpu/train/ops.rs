@@ -2,6 +2,7 @@
 //! RMSNorm, RoPE, gated activations, dropout. Slices are row-major; rows are
 //! processed in parallel.
 
+use super::fastmath::{self, simd_fn};
 use crate::model::{Activation, Rope, RopeKind};
 use rayon::prelude::*;
 
@@ -15,16 +16,13 @@ pub fn rms_norm_forward(x: &[f32], w: &[f32], eps: f32, y: &mut [f32]) {
         .zip(x.par_chunks(n * ROWS))
         .for_each(|(yc, xc)| {
             for (yr, xr) in yc.chunks_exact_mut(n).zip(xc.chunks_exact(n)) {
-                let inv = inv_rms(xr, eps);
-                for ((o, &v), &g) in yr.iter_mut().zip(xr).zip(w) {
-                    *o = v * inv * g;
-                }
+                fastmath::mul_scaled(yr, xr, w, inv_rms(xr, eps));
             }
         });
 }
 
 fn inv_rms(x: &[f32], eps: f32) -> f32 {
-    let ss: f32 = x.iter().map(|&v| v * v).sum();
+    let ss = fastmath::dot(x, x);
     1.0 / (ss / x.len() as f32 + eps).sqrt()
 }
 
@@ -41,18 +39,19 @@ pub fn rms_norm_backward(x: &[f32], dy: &[f32], w: &[f32], eps: f32, dx: &mut [f
                 .zip(gc.chunks_exact(n))
             {
                 let r = inv_rms(xr, eps);
-                let dot: f32 = xr
-                    .iter()
-                    .zip(gr)
-                    .zip(w)
-                    .map(|((&a, &b), &c)| a * b * c)
-                    .sum();
-                let k = r * r * r * dot / n as f32;
-                for (((o, &xv), &gv), &wv) in d.iter_mut().zip(xr).zip(gr).zip(w) {
-                    *o = r * gv * wv - xv * k;
-                }
+                let k = r * r * r * fastmath::dot3(xr, gr, w) / n as f32;
+                rms_norm_back_row(d, xr, gr, w, r, k);
             }
         });
+}
+
+simd_fn! {
+    /// `dx = r·(w ⊙ g) − k·x` for one row.
+    fn rms_norm_back_row(dx: &mut [f32], x: &[f32], g: &[f32], w: &[f32], r: f32, k: f32) {
+        for (((o, &xv), &gv), &wv) in dx.iter_mut().zip(x).zip(g).zip(w) {
+            *o = r * gv * wv - xv * k;
+        }
+    }
 }
 
 /// cos/sin of every (position, pair) of a RoPE, computed in f64 exactly as
@@ -108,32 +107,85 @@ pub fn rope_apply(
 const GELU_K: f32 = 0.797_884_6; // √(2/π)
 const GELU_C: f32 = 0.044_715;
 
+#[inline(always)]
 fn silu(g: f32) -> (f32, f32) {
-    let s = super::fastmath::sigmoid(g);
+    let s = fastmath::sigmoid(g);
     (g * s, s * (1.0 + g * (1.0 - s)))
 }
 
+#[inline(always)]
 fn gelu_tanh(g: f32) -> (f32, f32) {
-    let t = super::fastmath::tanh(GELU_K * (g + GELU_C * g * g * g));
+    let t = fastmath::tanh(GELU_K * (g + GELU_C * g * g * g));
     let d = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * GELU_K * (1.0 + 3.0 * GELU_C * g * g);
     (0.5 * g * (1.0 + t), d)
 }
 
+/// `h = act(g) · u` over one chunk.
+#[inline(always)]
+fn gated_forward_chunk(f: impl Fn(f32) -> (f32, f32), g: &[f32], u: &[f32], h: &mut [f32]) {
+    for ((o, &gv), &uv) in h.iter_mut().zip(g).zip(u) {
+        *o = f(gv).0 * uv;
+    }
+}
+
+/// The backward of [`gated_forward_chunk`].
+#[inline(always)]
+fn gated_backward_chunk(
+    f: impl Fn(f32) -> (f32, f32),
+    (g, u, dh): (&[f32], &[f32], &[f32]),
+    dg: &mut [f32],
+    du: &mut [f32],
+) {
+    let n = dg
+        .len()
+        .min(du.len())
+        .min(g.len())
+        .min(u.len())
+        .min(dh.len());
+    let (g, u, dh, dg, du) = (&g[..n], &u[..n], &dh[..n], &mut dg[..n], &mut du[..n]);
+    for i in 0..n {
+        let (a, slope) = f(g[i]);
+        dg[i] = dh[i] * u[i] * slope;
+        du[i] = dh[i] * a;
+    }
+}
+
+simd_fn! {
+    fn silu_forward(g: &[f32], u: &[f32], h: &mut [f32]) {
+        gated_forward_chunk(silu, g, u, h)
+    }
+}
+
+simd_fn! {
+    fn gelu_forward(g: &[f32], u: &[f32], h: &mut [f32]) {
+        gated_forward_chunk(gelu_tanh, g, u, h)
+    }
+}
+
+simd_fn! {
+    fn silu_backward(x: (&[f32], &[f32], &[f32]), dg: &mut [f32], du: &mut [f32]) {
+        gated_backward_chunk(silu, x, dg, du)
+    }
+}
+
+simd_fn! {
+    fn gelu_backward(x: (&[f32], &[f32], &[f32]), dg: &mut [f32], du: &mut [f32]) {
+        gated_backward_chunk(gelu_tanh, x, dg, du)
+    }
+}
+
+/// Elements per parallel task of the element-wise ops.
+const CHUNK: usize = 4096;
+
 /// `h = act(g) · u`.
 pub fn gated_forward(g: &[f32], u: &[f32], act: Activation, h: &mut [f32]) {
-    fn run(f: impl Fn(f32) -> (f32, f32) + Sync, g: &[f32], u: &[f32], h: &mut [f32]) {
-        h.par_chunks_mut(4096)
-            .zip(g.par_chunks(4096).zip(u.par_chunks(4096)))
-            .for_each(|(hc, (gc, uc))| {
-                for ((o, &gv), &uv) in hc.iter_mut().zip(gc).zip(uc) {
-                    *o = f(gv).0 * uv;
-                }
-            });
-    }
-    match act {
-        Activation::Silu => run(silu, g, u, h),
-        Activation::GeluTanh => run(gelu_tanh, g, u, h),
-    }
+    let kernel = match act {
+        Activation::Silu => silu_forward,
+        Activation::GeluTanh => gelu_forward,
+    };
+    h.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
+        .for_each(|(hc, (gc, uc))| kernel(gc, uc, hc));
 }
 
 /// `dg = dh · u · act'(g)`, `du = dh · act(g)`.
@@ -145,33 +197,18 @@ pub fn gated_backward(
     dg: &mut [f32],
     du: &mut [f32],
 ) {
-    fn run(
-        f: impl Fn(f32) -> (f32, f32) + Sync,
-        g: &[f32],
-        u: &[f32],
-        dh: &[f32],
-        dg: &mut [f32],
-        du: &mut [f32],
-    ) {
-        dg.par_chunks_mut(4096)
-            .zip(du.par_chunks_mut(4096))
-            .zip(
-                g.par_chunks(4096)
-                    .zip(u.par_chunks(4096))
-                    .zip(dh.par_chunks(4096)),
-            )
-            .for_each(|((dgc, duc), ((gc, uc), hc))| {
-                for i in 0..dgc.len().min(gc.len()) {
-                    let (a, slope) = f(gc[i]);
-                    dgc[i] = hc[i] * uc[i] * slope;
-                    duc[i] = hc[i] * a;
-                }
-            });
-    }
-    match act {
-        Activation::Silu => run(silu, g, u, dh, dg, du),
-        Activation::GeluTanh => run(gelu_tanh, g, u, dh, dg, du),
-    }
+    let kernel = match act {
+        Activation::Silu => silu_backward,
+        Activation::GeluTanh => gelu_backward,
+    };
+    dg.par_chunks_mut(CHUNK)
+        .zip(du.par_chunks_mut(CHUNK))
+        .zip(
+            g.par_chunks(CHUNK)
+                .zip(u.par_chunks(CHUNK))
+                .zip(dh.par_chunks(CHUNK)),
+        )
+        .for_each(|((dgc, duc), ((gc, uc), hc))| kernel((gc, uc, hc), dgc, duc));
 }
 
 /// A uniform number in [0, 1) from (seed, site, index): SplitMix64, so a
@@ -188,12 +225,12 @@ fn mask_uniform(seed: u64, site: u32, index: usize) -> f32 {
 /// in `x`, so the same call maps `dy` to `dx`.
 pub fn dropout(x: &[f32], p: f32, seed: u64, site: u32, y: &mut [f32]) {
     let keep = 1.0 / (1.0 - p);
-    y.par_chunks_mut(4096)
-        .zip(x.par_chunks(4096))
+    y.par_chunks_mut(CHUNK)
+        .zip(x.par_chunks(CHUNK))
         .enumerate()
         .for_each(|(c, (yc, xc))| {
             for (i, (o, &v)) in yc.iter_mut().zip(xc).enumerate() {
-                let u = mask_uniform(seed, site, c * 4096 + i);
+                let u = mask_uniform(seed, site, c * CHUNK + i);
                 *o = if u < p { 0.0 } else { v * keep };
             }
         });
