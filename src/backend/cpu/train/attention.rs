@@ -42,32 +42,54 @@ fn block_keys(rows: &Rows, b: usize, t0: usize, t1: usize, window: Option<usize>
     (t0..t1).map(|t| rows.lo(b, t, window)).min().unwrap_or(t0)
 }
 
-/// Scores `s (t1−t0, t1−k0)` of one block turned into probabilities in
-/// place, with `p = exp(scale·s − lse)` when `lse` is given (backward) or
-/// a fresh softmax whose log-sum-exp is written to `lse_out` (forward).
-#[allow(clippy::too_many_arguments)]
+/// One block of queries of every head of a key/value group: the query
+/// rows `t0..t1` of `heads` heads, stacked head by head, against keys
+/// `k0..t1` of sequence `b`.
+#[derive(Clone, Copy)]
+struct Block {
+    b: usize,
+    t0: usize,
+    t1: usize,
+    k0: usize,
+    heads: usize,
+}
+
+impl Block {
+    /// Query rows per head.
+    fn m(&self) -> usize {
+        self.t1 - self.t0
+    }
+    /// Key columns.
+    fn w(&self) -> usize {
+        self.t1 - self.k0
+    }
+}
+
+/// Scores `s (heads·m, w)` of one [`Block`] turned into probabilities in
+/// place, with `p = exp(scale·s − lse)` when `lse_in` is given (backward,
+/// indexed by stacked row) or a fresh softmax whose log-sum-exp is written
+/// to `lse_out[row]` (forward).
 fn probabilities(
     s: &mut [f32],
     rows: &Rows,
-    b: usize,
-    (t0, t1, k0): (usize, usize, usize),
+    blk: Block,
     geom: &AttnGeom,
-    lse_in: Option<&dyn Fn(usize) -> f32>,
+    lse_in: Option<&[f32]>,
     lse_out: &mut [f32],
 ) {
-    let w = t1 - k0;
-    for t in t0..t1 {
-        let lo = rows.lo(b, t, geom.window) - k0;
-        let hi = t - k0;
-        let r = &mut s[(t - t0) * w..(t - t0 + 1) * w];
+    let (m, w) = (blk.m(), blk.w());
+    for (row, r) in s.chunks_exact_mut(w).take(blk.heads * m).enumerate() {
+        let t = blk.t0 + row % m;
+        let lo = rows.lo(blk.b, t, geom.window) - blk.k0;
+        let hi = t - blk.k0;
         let live = &mut r[lo..=hi];
         match lse_in {
-            Some(lse) => fastmath::exp_shift(live, geom.scale, lse(t)),
+            Some(lse) => fastmath::exp_shift(live, geom.scale, lse[row]),
             None => {
                 let m = fastmath::max(live) * geom.scale;
                 let sum = fastmath::exp_sum(live, geom.scale, m);
                 fastmath::scale(live, 1.0 / sum);
-                lse_out[t - t0] = m + sum.ln();
+                lse_out[row] = m + sum.ln();
             }
         }
         r[..lo].fill(0.0);
@@ -75,7 +97,28 @@ fn probabilities(
     }
 }
 
+/// Rows `t0..t1` of heads `h0..h0 + heads` of sequence `b` of `x (N, H·d)`,
+/// stacked head by head into `out (heads·m, d)`.
+fn gather(
+    x: &[f32],
+    (b, t_len, qd, d): (usize, usize, usize, usize),
+    h0: usize,
+    blk: Block,
+    out: &mut [f32],
+) {
+    let m = blk.m();
+    for gi in 0..blk.heads {
+        for t in blk.t0..blk.t1 {
+            let src = (b * t_len + t) * qd + (h0 + gi) * d;
+            let dst = (gi * m + t - blk.t0) * d;
+            out[dst..dst + d].copy_from_slice(&x[src..src + d]);
+        }
+    }
+}
+
 /// `o (N, H·d)` and `lse (N, H)` from `q (N, H·d)`, `k`, `v (N, Hkv·d)`.
+/// One task per (sequence, key/value head): the query heads that share a
+/// key/value head are stacked into one product per block of queries.
 pub fn attention_forward(
     q: &[f32],
     k: &[f32],
@@ -88,46 +131,75 @@ pub fn attention_forward(
     let (h_n, d, t_len) = (geom.n_head, geom.head_dim, rows.seq);
     let (qd, kvd) = (h_n * d, geom.n_kv_head * d);
     let group = h_n / geom.n_kv_head;
-    let parts: Vec<(usize, usize, Vec<f32>, Vec<f32>)> = (0..rows.batch * h_n)
+    // Per task: its heads' outputs (heads·T, d) and log-sum-exps (heads·T).
+    let parts: Vec<(usize, usize, Vec<f32>, Vec<f32>)> = (0..rows.batch * geom.n_kv_head)
         .into_par_iter()
         .map(|task| {
-            let (b, h) = (task / h_n, task % h_n);
-            let kvh = h / group;
-            let qs = &q[b * t_len * qd + h * d..];
+            let (b, kvh) = (task / geom.n_kv_head, task % geom.n_kv_head);
+            let h0 = kvh * group;
             let ks = &k[b * t_len * kvd + kvh * d..];
             let vs = &v[b * t_len * kvd + kvh * d..];
-            let mut out = vec![0.0; t_len * d];
-            let mut l = vec![0.0; t_len];
-            let mut s = vec![0.0; QB * t_len];
+            let mut out = vec![0.0; group * t_len * d];
+            let mut l = vec![0.0; group * t_len];
+            let mut s = vec![0.0; group * QB * t_len];
+            let mut qg = vec![0.0; group * QB * d];
+            let mut og = vec![0.0; group * QB * d];
+            let mut lg = vec![0.0; group * QB];
             for t0 in (0..t_len).step_by(QB) {
                 let t1 = (t0 + QB).min(t_len);
                 let k0 = block_keys(rows, b, t0, t1, geom.window);
-                let (m, w) = (t1 - t0, t1 - k0);
-                let qo = Operand::new(&qs[t0 * qd..], qd);
+                let blk = Block {
+                    b,
+                    t0,
+                    t1,
+                    k0,
+                    heads: group,
+                };
+                let (m, w) = (blk.m(), blk.w());
+                gather(q, (b, t_len, qd, d), h0, blk, &mut qg);
                 let ko = Operand::new(&ks[k0 * kvd..], kvd).t();
-                matmul_into(m, w, d, qo, ko, &mut s, w, false, 1);
-                probabilities(&mut s, rows, b, (t0, t1, k0), geom, None, &mut l[t0..t1]);
+                matmul_into(
+                    group * m,
+                    w,
+                    d,
+                    Operand::new(&qg, d),
+                    ko,
+                    &mut s,
+                    w,
+                    false,
+                    1,
+                );
+                probabilities(&mut s, rows, blk, geom, None, &mut lg);
                 let vo = Operand::new(&vs[k0 * kvd..], kvd);
                 matmul_into(
-                    m,
+                    group * m,
                     d,
                     w,
                     Operand::new(&s, w),
                     vo,
-                    &mut out[t0 * d..],
+                    &mut og,
                     d,
                     false,
                     1,
                 );
+                for gi in 0..group {
+                    let dst = (gi * t_len + t0) * d;
+                    out[dst..dst + m * d].copy_from_slice(&og[gi * m * d..(gi + 1) * m * d]);
+                    l[gi * t_len + t0..gi * t_len + t1].copy_from_slice(&lg[gi * m..(gi + 1) * m]);
+                }
             }
-            (b, h, out, l)
+            (b, h0, out, l)
         })
         .collect();
-    for (b, h, out, l) in parts {
-        for t in 0..t_len {
-            let r = b * t_len + t;
-            o[r * qd + h * d..r * qd + (h + 1) * d].copy_from_slice(&out[t * d..(t + 1) * d]);
-            lse[r * h_n + h] = l[t];
+    for (b, h0, out, l) in parts {
+        for gi in 0..group {
+            let h = h0 + gi;
+            for t in 0..t_len {
+                let r = b * t_len + t;
+                let src = (gi * t_len + t) * d;
+                o[r * qd + h * d..r * qd + (h + 1) * d].copy_from_slice(&out[src..src + d]);
+                lse[r * h_n + h] = l[gi * t_len + t];
+            }
         }
     }
 }
@@ -146,8 +218,8 @@ pub struct AttnSaved<'a> {
     pub lse: &'a [f32],
 }
 
-/// `dq`, `dk`, `dv` from `do`: per (sequence, kv head), for each query head
-/// of the group and each block of queries, `P = exp(S − lse)`,
+/// `dq`, `dk`, `dv` from `do`: per (sequence, kv head), for each block of
+/// queries of all the group's heads stacked, `P = exp(S − lse)`,
 /// `dV += Pᵀ·dO`, `dP = dO·Vᵀ`, `dS = P ⊙ (dP − rowsum(dO ⊙ O)) · scale`,
 /// `dQ = dS·K`, `dK += dSᵀ·Q` — blocks in order, so sums are deterministic.
 #[allow(clippy::too_many_arguments)]
@@ -163,69 +235,84 @@ pub fn attention_backward(
     let (h_n, d, t_len) = (geom.n_head, geom.head_dim, rows.seq);
     let (qd, kvd) = (h_n * d, geom.n_kv_head * d);
     let group = h_n / geom.n_kv_head;
-    type Part = (usize, usize, Vec<Vec<f32>>, Vec<f32>, Vec<f32>);
+    type Part = (usize, usize, Vec<f32>, Vec<f32>, Vec<f32>);
     let parts: Vec<Part> = (0..rows.batch * geom.n_kv_head)
         .into_par_iter()
         .map(|task| {
             let (b, kvh) = (task / geom.n_kv_head, task % geom.n_kv_head);
+            let h0 = kvh * group;
             let ks = &s.k[b * t_len * kvd + kvh * d..];
             let vs = &s.v[b * t_len * kvd + kvh * d..];
             let (mut dk_l, mut dv_l) = (vec![0.0; t_len * d], vec![0.0; t_len * d]);
-            let mut dqs = Vec::with_capacity(group);
-            let mut p = vec![0.0; QB * t_len];
-            let mut dp = vec![0.0; QB * t_len];
+            // The group's dq, stacked (heads·T, d).
+            let mut dq_g = vec![0.0; group * t_len * d];
+            let mut p = vec![0.0; group * QB * t_len];
+            let mut dp = vec![0.0; group * QB * t_len];
+            let (mut qg, mut dog, mut og, mut dqb) = (
+                vec![0.0; group * QB * d],
+                vec![0.0; group * QB * d],
+                vec![0.0; group * QB * d],
+                vec![0.0; group * QB * d],
+            );
+            let mut lg = vec![0.0; group * QB];
             let mut unused = [0.0f32; 0];
-            for h in kvh * group..(kvh + 1) * group {
-                let base = b * t_len * qd + h * d;
-                let (qs, dos, os) = (&s.q[base..], &d_o[base..], &s.o[base..]);
-                let mut dq_h = vec![0.0; t_len * d];
-                let lse = |t: usize| s.lse[(b * t_len + t) * h_n + h];
-                for t0 in (0..t_len).step_by(QB) {
-                    let t1 = (t0 + QB).min(t_len);
-                    let k0 = block_keys(rows, b, t0, t1, geom.window);
-                    let (m, w) = (t1 - t0, t1 - k0);
-                    let qo = Operand::new(&qs[t0 * qd..], qd);
-                    let ko = Operand::new(&ks[k0 * kvd..], kvd);
-                    let vo = Operand::new(&vs[k0 * kvd..], kvd);
-                    let dop = Operand::new(&dos[t0 * qd..], qd);
-                    matmul_into(m, w, d, qo, ko.t(), &mut p, w, false, 1);
-                    probabilities(&mut p, rows, b, (t0, t1, k0), geom, Some(&lse), &mut unused);
-                    matmul_into(
-                        w,
-                        d,
-                        m,
-                        Operand::new(&p, w).t(),
-                        dop,
-                        &mut dv_l[k0 * d..],
-                        d,
-                        true,
-                        1,
-                    );
-                    matmul_into(m, w, d, dop, vo.t(), &mut dp, w, false, 1);
+            let dims = (b, t_len, qd, d);
+            for t0 in (0..t_len).step_by(QB) {
+                let t1 = (t0 + QB).min(t_len);
+                let k0 = block_keys(rows, b, t0, t1, geom.window);
+                let blk = Block {
+                    b,
+                    t0,
+                    t1,
+                    k0,
+                    heads: group,
+                };
+                let (m, w) = (blk.m(), blk.w());
+                let gm = group * m;
+                gather(s.q, dims, h0, blk, &mut qg);
+                gather(d_o, dims, h0, blk, &mut dog);
+                gather(s.o, dims, h0, blk, &mut og);
+                for gi in 0..group {
                     for t in t0..t1 {
-                        let i = t - t0;
-                        let dot = fastmath::dot(&dos[t * qd..t * qd + d], &os[t * qd..t * qd + d]);
-                        let (pr, dr) = (&p[i * w..(i + 1) * w], &mut dp[i * w..(i + 1) * w]);
-                        fastmath::softmax_back(dr, pr, dot, geom.scale);
+                        lg[gi * m + t - t0] = s.lse[(b * t_len + t) * h_n + h0 + gi];
                     }
-                    let ds = Operand::new(&dp, w);
-                    matmul_into(m, d, w, ds, ko, &mut dq_h[t0 * d..], d, false, 1);
-                    matmul_into(w, d, m, ds.t(), qo, &mut dk_l[k0 * d..], d, true, 1);
                 }
-                dqs.push(dq_h);
+                let qo = Operand::new(&qg, d);
+                let dop = Operand::new(&dog, d);
+                let ko = Operand::new(&ks[k0 * kvd..], kvd);
+                let vo = Operand::new(&vs[k0 * kvd..], kvd);
+                matmul_into(gm, w, d, qo, ko.t(), &mut p, w, false, 1);
+                probabilities(&mut p, rows, blk, geom, Some(&lg), &mut unused);
+                let pt = Operand::new(&p, w).t();
+                matmul_into(w, d, gm, pt, dop, &mut dv_l[k0 * d..], d, true, 1);
+                matmul_into(gm, w, d, dop, vo.t(), &mut dp, w, false, 1);
+                for row in 0..gm {
+                    let dot =
+                        fastmath::dot(&dog[row * d..(row + 1) * d], &og[row * d..(row + 1) * d]);
+                    let (pr, dr) = (&p[row * w..(row + 1) * w], &mut dp[row * w..(row + 1) * w]);
+                    fastmath::softmax_back(dr, pr, dot, geom.scale);
+                }
+                let ds = Operand::new(&dp, w);
+                matmul_into(gm, d, w, ds, ko, &mut dqb, d, false, 1);
+                matmul_into(w, d, gm, ds.t(), qo, &mut dk_l[k0 * d..], d, true, 1);
+                for gi in 0..group {
+                    let dst = (gi * t_len + t0) * d;
+                    dq_g[dst..dst + m * d].copy_from_slice(&dqb[gi * m * d..(gi + 1) * m * d]);
+                }
             }
-            (b, kvh, dqs, dk_l, dv_l)
+            (b, kvh, dq_g, dk_l, dv_l)
         })
         .collect();
-    for (b, kvh, dqs, dk_l, dv_l) in parts {
+    for (b, kvh, dq_g, dk_l, dv_l) in parts {
         for t in 0..t_len {
             let r = b * t_len + t;
             let kv = r * kvd + kvh * d;
             dk[kv..kv + d].copy_from_slice(&dk_l[t * d..(t + 1) * d]);
             dv[kv..kv + d].copy_from_slice(&dv_l[t * d..(t + 1) * d]);
-            for (i, dq_h) in dqs.iter().enumerate() {
-                let h = kvh * group + i;
-                dq[r * qd + h * d..r * qd + (h + 1) * d].copy_from_slice(&dq_h[t * d..(t + 1) * d]);
+            for gi in 0..group {
+                let h = kvh * group + gi;
+                let src = (gi * t_len + t) * d;
+                dq[r * qd + h * d..r * qd + (h + 1) * d].copy_from_slice(&dq_g[src..src + d]);
             }
         }
     }
