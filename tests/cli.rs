@@ -630,3 +630,78 @@ fn ctrl_c_checkpoints_and_resume_finishes_the_run() {
     assert_eq!(events.last().unwrap()["steps"], 8);
     assert!(out.join("adapter.gguf").is_file());
 }
+
+#[test]
+fn import_export_and_adapters_info_round_trip_a_peft_adapter() {
+    let Some(m) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let gguf = tmp.path().join("a.gguf");
+    let peft_dir = tmp.path().join("peft");
+    let (g, p) = (gguf.to_str().unwrap(), peft_dir.to_str().unwrap());
+    let fixture = "tests/fixtures/peft/smollm2-lora";
+    let o = edgetune(&["import", fixture, "--out", g, "--model", &m, "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(
+        (v["rank"].as_u64(), v["pairs"].as_u64()),
+        (Some(2), Some(14))
+    );
+
+    let o = edgetune(&["export", g, "--format", "peft", "--out", p, "--model", &m]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let written = std::fs::read(peft_dir.join("adapter_model.safetensors")).unwrap();
+    // A second export refuses to replace the files and leaves them as they were.
+    let o = edgetune(&["export", g, "--format", "peft", "--out", p, "--model", &m]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("adapter_config.json exists") && stderr(&o).contains("--force"),
+        "{}",
+        stderr(&o)
+    );
+    assert_eq!(
+        std::fs::read(peft_dir.join("adapter_model.safetensors")).unwrap(),
+        written
+    );
+
+    // info reads both formats alike.
+    let info = |path: &str| {
+        let o = edgetune(&["adapters", "info", path, "--model", &m, "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let mut v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+        v.as_object_mut()
+            .unwrap()
+            .retain(|k, _| k != "path" && k != "format");
+        v
+    };
+    assert_eq!(info(g), info(p));
+    assert_eq!(info(g)["layers"], serde_json::json!([0, 29]));
+
+    let o = edgetune(&["adapters", "ls", tmp.path().to_str().unwrap()]);
+    assert!(o.status.success());
+    let ls = stdout(&o);
+    assert!(
+        ls.contains("a.gguf") && ls.contains("peft") && ls.lines().count() == 2,
+        "{ls}"
+    );
+
+    // generate applies a PEFT directory as it does a GGUF adapter.
+    let tokens = |adapter: &str| {
+        let o = edgetune(&[
+            "generate",
+            &m,
+            "-p",
+            "The capital of France is",
+            "--max-tokens",
+            "6",
+            "--adapter",
+            adapter,
+            "--json",
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_str(&stdout(&o)).unwrap();
+        v["tokens"].clone()
+    };
+    assert_eq!(tokens(p), tokens(g));
+}

@@ -1,5 +1,6 @@
 //! Argument parsing, shared options, and error reporting with exit codes.
 
+mod adapters;
 mod bench;
 mod bench_train;
 mod generate;
@@ -13,7 +14,6 @@ use edgetune::Error;
 use edgetune::backend::Decoder;
 use edgetune::backend::cpu::{CpuDecoder, CpuOptions, MatvecMode};
 use edgetune::backend::gpu::{GpuContext, GpuDecoder, GpuOptions};
-use edgetune::export::gguf_lora;
 use edgetune::model::Model;
 use edgetune::peft::lora::LoraWeights;
 use std::ops::ControlFlow;
@@ -49,11 +49,25 @@ enum Command {
     Score(score::ScoreArgs),
     /// Prompt and generation throughput.
     Bench(bench::BenchArgs),
+    /// Write an adapter in another format: GGUF (llama.cpp) or a Hugging Face PEFT directory.
+    Export(adapters::ExportArgs),
+    /// Read a Hugging Face PEFT LoRA directory into a GGUF adapter.
+    Import(adapters::ImportArgs),
+    /// List and describe adapters.
+    #[command(subcommand)]
+    Adapters(adapters::AdaptersCommand),
     /// Fine-tune a LoRA adapter on a data file or folder of notes.
     Train(train::TrainArgs),
     /// The memory a training run would need, before running it.
     Plan(plan::PlanArgs),
+    /// Internal: exit 0 when a hardware GPU adapter opens, else 3 (run in a
+    /// child process so the drivers it loads stay out of the trainer's memory).
+    #[command(name = "__probe-gpu", hide = true)]
+    ProbeGpu,
 }
+
+/// Exit code of `__probe-gpu` when no hardware adapter opens.
+const EXIT_NO_GPU: u8 = 3;
 
 /// Where the model runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -240,13 +254,8 @@ impl FromStr for AdapterSpec {
 impl AdapterSpec {
     /// Read the file and check it against `model`'s tensors; errors name the file.
     pub fn load(&self, model: &Model) -> Result<LoraWeights, Error> {
-        let file = gguf_lora::read(&self.path)?;
-        file.check_base(model.file()).map_err(|e| {
-            Error::Invalid(format!(
-                "--adapter {} does not fit the model: {e}",
-                self.path.display()
-            ))
-        })?;
+        let file = edgetune::export::load_adapter(&self.path, model)
+            .map_err(|e| Error::Invalid(format!("--adapter: {e}")))?;
         Ok(LoraWeights::new(&file, self.strength))
     }
 }
@@ -254,9 +263,10 @@ impl AdapterSpec {
 /// The `--adapter` option of the commands that run a model.
 #[derive(Args, Clone)]
 pub struct AdapterArgs {
-    /// A LoRA adapter (GGUF, as `train` writes) to apply, optionally with a
-    /// strength: `--adapter A.gguf` or `--adapter A.gguf:0.7`. Repeat to
-    /// stack adapters. Adapters run on the CPU backend.
+    /// A LoRA adapter to apply (a GGUF file, as `train` writes, or a Hugging
+    /// Face PEFT directory), optionally with a strength: `--adapter A.gguf`
+    /// or `--adapter A.gguf:0.7`. Repeat to stack adapters. Adapters run on
+    /// the CPU backend.
     #[arg(long = "adapter", value_name = "FILE[:STRENGTH]")]
     pub adapters: Vec<AdapterSpec>,
 }
@@ -292,7 +302,31 @@ pub fn train_device(
         Device::Cpu => Ok(TrainDevice::Cpu),
         Device::Gpu => Ok(TrainDevice::Gpu(ctx(true)?)),
         Device::Auto if gpu_adapter.is_some() => Ok(TrainDevice::Gpu(ctx(true)?)),
-        Device::Auto => Ok(ctx(false).map_or(TrainDevice::Cpu, TrainDevice::Gpu)),
+        // Probing loads every Vulkan driver, a software one too (lavapipe
+        // maps ~50 MB of LLVM): ask a child process first, so that a run
+        // that stays on the CPU keeps its memory plan.
+        Device::Auto => match hardware_gpu_in_child() {
+            Some(false) => Ok(TrainDevice::Cpu),
+            _ => Ok(ctx(false).map_or(TrainDevice::Cpu, TrainDevice::Gpu)),
+        },
+    }
+}
+
+/// Whether a hardware GPU adapter opens, asked of `edgetune __probe-gpu` in a
+/// child process; `None` when the child cannot run.
+fn hardware_gpu_in_child() -> Option<bool> {
+    let exe = std::env::current_exe().ok()?;
+    let status = std::process::Command::new(exe)
+        .arg("__probe-gpu")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .ok()?;
+    match status.code() {
+        Some(0) => Some(true),
+        Some(c) if c == i32::from(EXIT_NO_GPU) => Some(false),
+        _ => None,
     }
 }
 
@@ -433,6 +467,22 @@ pub fn main() -> ExitCode {
         Command::Bench(a) => bench::run(a),
         Command::Train(a) => train::run(a),
         Command::Plan(a) => plan::run(a),
+        Command::Export(a) => adapters::export(a),
+        Command::Import(a) => adapters::import(a),
+        Command::Adapters(c) => adapters::run(c),
+        Command::ProbeGpu => {
+            let found = quiet_wayland_probe(|| {
+                GpuContext::new(&GpuOptions {
+                    allow_software: false,
+                    ..Default::default()
+                })
+            });
+            return if found.is_ok() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(EXIT_NO_GPU)
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,3 +1,50 @@
-//! Adapters on disk: the GGUF LoRA format llama.cpp loads.
+//! Adapters on disk: the GGUF LoRA format llama.cpp loads, and Hugging
+//! Face PEFT's directory format.
 
 pub mod gguf_lora;
+pub mod peft;
+
+use crate::model::Model;
+use crate::{Error, Result};
+use gguf_lora::LoraFile;
+use std::path::Path;
+
+/// The formats an adapter is read from and written to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterFormat {
+    /// One GGUF file, as llama.cpp's `--lora` loads it.
+    Gguf,
+    /// A Hugging Face PEFT directory.
+    Peft,
+}
+
+impl AdapterFormat {
+    /// The format of what is at `path`: a directory holding
+    /// `adapter_config.json` is PEFT, anything else GGUF.
+    pub fn detect(path: &Path) -> AdapterFormat {
+        if path.is_dir() && path.join(peft::CONFIG_FILE).exists() {
+            AdapterFormat::Peft
+        } else {
+            AdapterFormat::Gguf
+        }
+    }
+}
+
+/// Read an adapter in either format for `model` and check it fits the
+/// model's tensors; errors name the file and what does not fit.
+pub fn load_adapter(path: &Path, model: &Model) -> Result<LoraFile> {
+    let file = match AdapterFormat::detect(path) {
+        AdapterFormat::Peft => peft::read(path, &peft::HfLayout::of(model)?)?,
+        AdapterFormat::Gguf if path.is_dir() => {
+            return Err(Error::Invalid(format!(
+                "{}: a directory without {} is not an adapter",
+                path.display(),
+                peft::CONFIG_FILE
+            )));
+        }
+        AdapterFormat::Gguf => gguf_lora::read(path)?,
+    };
+    file.check_base(model.file())
+        .map_err(|e| Error::Invalid(format!("{} does not fit the model: {e}", path.display())))?;
+    Ok(file)
+}

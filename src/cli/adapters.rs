@@ -1,0 +1,356 @@
+//! `edgetune export`, `edgetune import` and `edgetune adapters ls|info`.
+
+use super::{emit, model_path, print_json, report};
+use clap::{Args, Subcommand, ValueEnum};
+use edgetune::Error;
+use edgetune::export::gguf_lora::{self, LoraFile};
+use edgetune::export::{AdapterFormat, load_adapter, peft};
+use edgetune::model::Model;
+use serde_json::json;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+
+/// Output formats of `export`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    /// One GGUF file, as llama.cpp's `--lora` loads it.
+    Gguf,
+    /// A Hugging Face PEFT directory (adapter_config.json, adapter_model.safetensors).
+    Peft,
+}
+
+/// Arguments of `export`.
+#[derive(Args)]
+pub struct ExportArgs {
+    /// The adapter: a GGUF file or a PEFT directory.
+    adapter: PathBuf,
+    /// Output format.
+    #[arg(long, value_enum)]
+    format: Format,
+    /// Output file (gguf) or directory (peft).
+    #[arg(long, value_name = "PATH")]
+    out: PathBuf,
+    /// The base model the adapter belongs to (names and row order depend on
+    /// it) [default: models/SmolLM2-135M-Instruct.Q4_1.gguf, or $EDGETUNE_MODEL].
+    #[arg(long, value_name = "FILE")]
+    model: Option<PathBuf>,
+    /// Store GGUF tensors in f16 (half the size; values rounded to 11 bits).
+    #[arg(long)]
+    f16: bool,
+    /// Replace existing output files.
+    #[arg(long)]
+    force: bool,
+    /// Print a JSON summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `import`.
+#[derive(Args)]
+pub struct ImportArgs {
+    /// A Hugging Face PEFT LoRA directory.
+    dir: PathBuf,
+    /// The GGUF adapter to write.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+    /// The base model [default: models/SmolLM2-135M-Instruct.Q4_1.gguf, or $EDGETUNE_MODEL].
+    #[arg(long, value_name = "FILE")]
+    model: Option<PathBuf>,
+    /// Store tensors in f16.
+    #[arg(long)]
+    f16: bool,
+    /// Replace an existing output file.
+    #[arg(long)]
+    force: bool,
+    /// Print a JSON summary.
+    #[arg(long)]
+    json: bool,
+}
+
+/// `adapters` subcommands.
+#[derive(Subcommand)]
+pub enum AdaptersCommand {
+    /// The adapters in a directory (GGUF files and PEFT directories).
+    Ls {
+        /// Directory to list [default: .].
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One adapter's format, architecture, rank, scale, targets and size.
+    Info {
+        /// A GGUF adapter file or a PEFT directory.
+        adapter: PathBuf,
+        /// The base model, needed to read a PEFT directory [default: the default model].
+        #[arg(long, value_name = "FILE")]
+        model: Option<PathBuf>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Refuse to replace what is at `paths` unless `force`.
+fn check_free(paths: &[PathBuf], force: bool) -> Result<(), Error> {
+    if force {
+        return Ok(());
+    }
+    match paths.iter().find(|p| p.exists()) {
+        Some(p) => Err(Error::Invalid(format!(
+            "{} exists; pass --force to replace it",
+            p.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn write(
+    lora: &LoraFile,
+    model: &Model,
+    format: Format,
+    out: &Path,
+    f16: bool,
+    force: bool,
+) -> Result<Vec<PathBuf>, Error> {
+    match format {
+        Format::Gguf => {
+            if out.is_dir() {
+                return Err(Error::Invalid(format!(
+                    "{} is a directory; --out names the GGUF file to write",
+                    out.display()
+                )));
+            }
+            check_free(&[out.to_path_buf()], force)?;
+            gguf_lora::write(out, lora, f16)?;
+            Ok(vec![out.to_path_buf()])
+        }
+        Format::Peft => {
+            let files = [out.join(peft::CONFIG_FILE), out.join(peft::WEIGHTS_FILE)];
+            check_free(&files, force)?;
+            if f16 {
+                return Err(Error::Invalid(
+                    "--f16 applies to GGUF output; PEFT directories are written in f32".into(),
+                ));
+            }
+            peft::write(out, lora, &peft::HfLayout::of(model)?)?;
+            Ok(files.to_vec())
+        }
+    }
+}
+
+fn done(lora: &LoraFile, written: &[PathBuf], json: bool) -> Result<(), Error> {
+    if json {
+        return print_json(&json!({
+            "written": written,
+            "rank": lora.rank,
+            "alpha": lora.alpha,
+            "scale": lora.scale(),
+            "pairs": lora.pairs.len(),
+        }));
+    }
+    let mut out = String::new();
+    for w in written {
+        report!(out, "wrote {}", w.display());
+    }
+    report!(
+        out,
+        "{} LoRA pairs, rank {}, scale {}",
+        lora.pairs.len(),
+        lora.rank,
+        lora.scale()
+    );
+    emit(&out)
+}
+
+pub fn export(a: ExportArgs) -> Result<(), Error> {
+    let model = Model::open(model_path(a.model.as_deref())?)?;
+    let lora = load_adapter(&a.adapter, &model)?;
+    let written = write(&lora, &model, a.format, &a.out, a.f16, a.force)?;
+    done(&lora, &written, a.json)
+}
+
+pub fn import(a: ImportArgs) -> Result<(), Error> {
+    if AdapterFormat::detect(&a.dir) != AdapterFormat::Peft {
+        return Err(Error::Invalid(format!(
+            "{}: not a PEFT directory (no {})",
+            a.dir.display(),
+            peft::CONFIG_FILE
+        )));
+    }
+    let model = Model::open(model_path(a.model.as_deref())?)?;
+    let lora = load_adapter(&a.dir, &model)?;
+    let written = write(&lora, &model, Format::Gguf, &a.out, a.f16, a.force)?;
+    done(&lora, &written, a.json)
+}
+
+/// What `adapters` prints about one adapter.
+fn describe(path: &Path, format: AdapterFormat, lora: &LoraFile) -> serde_json::Value {
+    let mut layers = BTreeSet::new();
+    let mut targets = BTreeSet::new();
+    for p in &lora.pairs {
+        let parts: Vec<&str> = p.base.split('.').collect();
+        if let [_, layer, proj, ..] = parts.as_slice() {
+            if let Ok(l) = layer.parse::<usize>() {
+                layers.insert(l);
+            }
+            targets.insert(proj.to_string());
+        }
+    }
+    let params: usize = lora.pairs.iter().map(|p| p.a.len() + p.b.len()).sum();
+    json!({
+        "path": path,
+        "format": match format { AdapterFormat::Gguf => "gguf", AdapterFormat::Peft => "peft" },
+        "arch": lora.arch,
+        "rank": lora.rank,
+        "alpha": lora.alpha,
+        "scale": lora.scale(),
+        "pairs": lora.pairs.len(),
+        "parameters": params,
+        "targets": targets,
+        "layers": layers,
+    })
+}
+
+fn print_description(d: &serde_json::Value) -> Result<(), Error> {
+    let mut out = String::new();
+    report!(
+        out,
+        "adapter     {}",
+        d["path"].as_str().unwrap_or_default()
+    );
+    report!(
+        out,
+        "format      {}",
+        d["format"].as_str().unwrap_or_default()
+    );
+    report!(
+        out,
+        "arch        {}",
+        d["arch"].as_str().unwrap_or_default()
+    );
+    report!(
+        out,
+        "rank        {} (alpha {}, scale {})",
+        d["rank"],
+        d["alpha"],
+        d["scale"]
+    );
+    report!(
+        out,
+        "pairs       {} ({} parameters)",
+        d["pairs"],
+        d["parameters"]
+    );
+    let list = |v: &serde_json::Value| {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|x| x.to_string().trim_matches('"').to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            })
+            .unwrap_or_default()
+    };
+    report!(out, "targets     {}", list(&d["targets"]));
+    report!(out, "layers      {}", list(&d["layers"]));
+    emit(&out)
+}
+
+pub fn run(c: AdaptersCommand) -> Result<(), Error> {
+    match c {
+        AdaptersCommand::Info {
+            adapter,
+            model,
+            json,
+        } => {
+            let format = AdapterFormat::detect(&adapter);
+            let lora = match format {
+                AdapterFormat::Gguf => gguf_lora::read(&adapter)?,
+                AdapterFormat::Peft => {
+                    let model = Model::open(model_path(model.as_deref())?)?;
+                    load_adapter(&adapter, &model)?
+                }
+            };
+            let d = describe(&adapter, format, &lora);
+            if json {
+                print_json(&d)
+            } else {
+                print_description(&d)
+            }
+        }
+        AdaptersCommand::Ls { dir, json } => {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
+                .map_err(|e| Error::io(&dir, e))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            entries.sort();
+            let mut out = String::new();
+            let mut found = 0;
+            for path in entries {
+                let format = AdapterFormat::detect(&path);
+                let lora = match format {
+                    AdapterFormat::Gguf if path.extension().is_some_and(|e| e == "gguf") => {
+                        // A base model or another GGUF is not an adapter: skip it.
+                        match gguf_lora::read(&path) {
+                            Ok(l) => l,
+                            Err(_) => continue,
+                        }
+                    }
+                    AdapterFormat::Peft => {
+                        let cfg = std::fs::read_to_string(path.join(peft::CONFIG_FILE))
+                            .map_err(|e| Error::io(path.join(peft::CONFIG_FILE), e))?;
+                        let v: serde_json::Value = serde_json::from_str(&cfg).map_err(|e| {
+                            Error::Invalid(format!(
+                                "{}: {e}",
+                                path.join(peft::CONFIG_FILE).display()
+                            ))
+                        })?;
+                        found += 1;
+                        let d = json!({
+                            "path": path,
+                            "format": "peft",
+                            "peft_type": v["peft_type"],
+                            "rank": v["r"],
+                            "alpha": v["lora_alpha"],
+                        });
+                        if json {
+                            report!(out, "{d}");
+                        } else {
+                            report!(
+                                out,
+                                "{:<40} peft  {} r={} alpha={}",
+                                path.display(),
+                                v["peft_type"].as_str().unwrap_or("?"),
+                                v["r"],
+                                v["lora_alpha"]
+                            );
+                        }
+                        continue;
+                    }
+                    _ => continue,
+                };
+                found += 1;
+                let d = describe(&path, format, &lora);
+                if json {
+                    report!(out, "{d}");
+                } else {
+                    report!(
+                        out,
+                        "{:<40} gguf  {} r={} scale={} pairs={}",
+                        path.display(),
+                        lora.arch,
+                        lora.rank,
+                        lora.scale(),
+                        lora.pairs.len()
+                    );
+                }
+            }
+            if found == 0 && !json {
+                report!(out, "no adapters in {}", dir.display());
+            }
+            emit(&out)
+        }
+    }
+}
