@@ -705,3 +705,34 @@ fn import_export_and_adapters_info_round_trip_a_peft_adapter() {
     };
     assert_eq!(tokens(p), tokens(g));
 }
+
+#[test]
+fn merge_reports_its_logit_error_and_never_overwrites() {
+    let Some(m) = model("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("merged.gguf");
+    let o_path = out.to_str().unwrap();
+    let fixture = "tests/fixtures/peft/smollm2-lora";
+    let o = edgetune(&[
+        "merge", &m, fixture, "--out", o_path, "--type", "q8_0", "--json",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    assert_eq!(v["merged_tensors"], 14);
+    assert_eq!(v["types"], serde_json::json!(["Q8_0"]));
+    let err = v["max_abs_logit_error"].as_f64().unwrap();
+    assert!(err > 0.0 && err < 1.0, "q8_0 merge error {err}");
+    let before = std::fs::metadata(&out).unwrap().modified().unwrap();
+    let o = edgetune(&["merge", &m, fixture, "--out", o_path]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--force"), "{}", stderr(&o));
+    assert_eq!(std::fs::metadata(&out).unwrap().modified().unwrap(), before);
+    let o = edgetune(&["merge", &m, fixture, "--out", &m, "--force"]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "merging over the base itself is refused"
+    );
+}

@@ -53,6 +53,8 @@ enum Command {
     Export(adapters::ExportArgs),
     /// Read a Hugging Face PEFT LoRA directory into a GGUF adapter.
     Import(adapters::ImportArgs),
+    /// Fold adapters into the base model and write the whole model as one GGUF.
+    Merge(adapters::MergeArgs),
     /// List and describe adapters.
     #[command(subcommand)]
     Adapters(adapters::AdaptersCommand),
@@ -470,6 +472,7 @@ pub fn main() -> ExitCode {
         Command::Export(a) => adapters::export(a),
         Command::Import(a) => adapters::import(a),
         Command::Adapters(c) => adapters::run(c),
+        Command::Merge(a) => adapters::merge_cmd(a),
         Command::ProbeGpu => {
             let found = quiet_wayland_probe(|| {
                 GpuContext::new(&GpuOptions {

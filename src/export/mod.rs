@@ -2,6 +2,7 @@
 //! Face PEFT's directory format.
 
 pub mod gguf_lora;
+pub mod merge;
 pub mod peft;
 
 use crate::model::Model;
