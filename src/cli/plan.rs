@@ -194,6 +194,7 @@ pub fn run(a: PlanArgs) -> Result<(), Error> {
         threads: a.step.threads(),
         data_bytes: 0,
         keep_best: false,
+        gpu: false,
     };
     if a.step.batch == 0 || a.step.grad_accum == 0 {
         return Err(Error::Invalid(

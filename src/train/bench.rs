@@ -144,6 +144,7 @@ pub fn bench_train(
         threads,
         data_bytes: (tokens.len() * 4) as u64,
         keep_best: false,
+        gpu: matches!(o.device, crate::train::TrainDevice::Gpu(_)),
     };
     let PlannedStep {
         graph,

@@ -110,6 +110,10 @@ pub struct StepShape<'a> {
     pub data_bytes: u64,
     /// Whether an eval-best copy of the adapter is kept.
     pub keep_best: bool,
+    /// The step runs on a GPU: [`fit`] then prefers the largest pass that
+    /// fits (small passes cost GPU dispatches and, when accumulating, a
+    /// host round trip per pass) instead of the CPU's time estimate.
+    pub gpu: bool,
 }
 
 /// Plan one step of `micro_batch` sequences with the first `recompute`
@@ -168,11 +172,33 @@ pub enum Recompute {
     Off,
 }
 
+/// Share of a step's time its forward pass takes, which a recomputed layer
+/// runs again: frozen products, attention and the element-wise ops of the
+/// forward in `edgetune bench train`'s profile (SmolLM2, 2 cores), rounded up.
+const FORWARD_SHARE: f64 = 0.45;
+
+/// Extra step time per halving of a pass's tokens below 1024: smaller
+/// products run further from the GEMM's peak (SmolLM2 on 2 cores: passes of
+/// one 256-token sequence cost about 15% more than passes of four).
+const SMALL_PASS_COST: f64 = 0.075;
+
+/// A plan's estimated step time relative to one pass of 1024 tokens or
+/// more with nothing recomputed.
+fn relative_time(r: &MemoryReport, seq: usize) -> f64 {
+    let recomputed = r.recomputed_layers as f64 / r.layers.max(1) as f64;
+    let rows = (r.micro_batch * seq).max(1) as f64;
+    let small = SMALL_PASS_COST * (1024.0 / rows).log2().max(0.0);
+    (1.0 + FORWARD_SHARE * recomputed) * (1.0 + small)
+}
+
 /// Choose micro-batch and recomputation for an effective batch of
 /// `batch × grad_accum` sequences within `budget` bytes (`None`: no limit,
-/// no recomputation unless asked). Prefers the largest micro-batch, then the
-/// fewest recomputed layers. Refuses, naming the smallest budget that
-/// would work, when nothing fits.
+/// no recomputation unless asked). For each micro-batch that divides the
+/// effective batch, the fewest recomputed layers that fit; of those plans,
+/// the one estimated fastest (recomputing repeats a layer's forward, smaller
+/// passes run slower products), the larger micro-batch on a tie; on a GPU
+/// the largest micro-batch that fits. Refuses,
+/// naming the smallest budget that would work, when nothing fits.
 pub fn fit(
     s: &StepShape,
     batch: usize,
@@ -197,6 +223,7 @@ pub fn fit(
         .filter(|&m| effective.is_multiple_of(m))
         .collect();
     let mut smallest: Option<PlannedStep> = None;
+    let mut chosen: Option<PlannedStep> = None;
     for &m in &micro {
         let accum = effective / m;
         // The peak falls as layers are recomputed: binary search the fewest.
@@ -222,7 +249,18 @@ pub fn fit(
                 lo = mid + 1;
             }
         }
-        return Ok(best);
+        let faster = chosen
+            .as_ref()
+            .is_none_or(|c| relative_time(&best.report, s.seq) < relative_time(&c.report, s.seq));
+        if faster {
+            chosen = Some(best);
+        }
+        if s.gpu {
+            break;
+        }
+    }
+    if let Some(plan) = chosen {
+        return Ok(plan);
     }
     let need = smallest.map_or(0, |p| p.report.total());
     Err(Error::Invalid(format!(
@@ -274,6 +312,69 @@ pub fn parse_bytes(s: &str) -> Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Model;
+    use crate::model::tiny::{Cfg, write_model};
+    use crate::peft::lora::{Lora, LoraConfig};
+    use crate::quant::GgmlType;
+
+    #[test]
+    fn fit_takes_the_fastest_plan_that_fits_and_on_a_gpu_the_largest_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tiny.gguf");
+        write_model(&Cfg::llama(GgmlType::Q8_0, 6), &path);
+        let model = Model::open(&path).unwrap();
+        let spec = model.spec();
+        let lora = Lora::new(LoraConfig::default(), spec.layers.len()).unwrap();
+        let shape = |gpu| StepShape {
+            spec,
+            method: &lora,
+            seq: 64,
+            threads: 1,
+            data_bytes: 0,
+            keep_best: false,
+            gpu,
+        };
+        let s = shape(false);
+        // Budgets between "one sequence, nothing recomputed" and "four
+        // sequences, nothing recomputed".
+        let low = plan_step(&s, 1, 4, 0).unwrap().report.total();
+        let high = plan_step(&s, 4, 1, 0).unwrap().report.total();
+        assert!(low < high);
+        for budget in [low, (low + high) / 2, high - 1] {
+            // Brute force: the fewest recomputed layers per micro-batch.
+            let feasible: Vec<MemoryReport> = [4usize, 2, 1]
+                .iter()
+                .filter_map(|&m| {
+                    (0..=spec.layers.len())
+                        .map(|r| plan_step(&s, m, 4 / m, r).unwrap().report)
+                        .find(|r| r.total() <= budget)
+                })
+                .collect();
+            let fastest = feasible
+                .iter()
+                .min_by(|a, b| relative_time(a, 64).total_cmp(&relative_time(b, 64)))
+                .unwrap();
+            let got = fit(&s, 4, 1, Some(budget), Recompute::Auto).unwrap().report;
+            assert_eq!(
+                (got.micro_batch, got.recomputed_layers),
+                (fastest.micro_batch, fastest.recomputed_layers),
+                "budget {budget}"
+            );
+            assert!(got.total() <= budget);
+            let on_gpu = fit(&shape(true), 4, 1, Some(budget), Recompute::Auto)
+                .unwrap()
+                .report;
+            assert_eq!(
+                on_gpu.micro_batch, feasible[0].micro_batch,
+                "budget {budget}"
+            );
+        }
+        // Recomputation adds time.
+        let mut r = plan_step(&s, 4, 1, 0).unwrap().report;
+        let plain = relative_time(&r, 256);
+        r.recomputed_layers = r.layers;
+        assert!(relative_time(&r, 256) > plain);
+    }
 
     #[test]
     fn sizes_parse_in_the_usual_spellings() {

@@ -309,6 +309,7 @@ pub fn train(
         threads,
         data_bytes: ((train_ds.tokens() + eval_ds.tokens()) * 5) as u64,
         keep_best: cfg.early_stop > 0,
+        gpu: matches!(req.device, super::TrainDevice::Gpu(_)),
     };
     let PlannedStep {
         graph,
