@@ -55,6 +55,20 @@ struct Block {
 }
 
 impl Block {
+    /// Queries `t0..t0 + QB` (within the sequence) of `heads` heads of
+    /// sequence `b`, with the keys they see.
+    fn at(rows: &Rows, b: usize, t0: usize, heads: usize, window: Option<usize>) -> Block {
+        let t1 = (t0 + QB).min(rows.seq);
+        let k0 = block_keys(rows, b, t0, t1, window);
+        Block {
+            b,
+            t0,
+            t1,
+            k0,
+            heads,
+        }
+    }
+
     /// Query rows per head.
     fn m(&self) -> usize {
         self.t1 - self.t0
@@ -146,15 +160,8 @@ pub fn attention_forward(
             let mut og = vec![0.0; group * QB * d];
             let mut lg = vec![0.0; group * QB];
             for t0 in (0..t_len).step_by(QB) {
-                let t1 = (t0 + QB).min(t_len);
-                let k0 = block_keys(rows, b, t0, t1, geom.window);
-                let blk = Block {
-                    b,
-                    t0,
-                    t1,
-                    k0,
-                    heads: group,
-                };
+                let blk = Block::at(rows, b, t0, group, geom.window);
+                let (t1, k0) = (blk.t1, blk.k0);
                 let (m, w) = (blk.m(), blk.w());
                 gather(q, (b, t_len, qd, d), h0, blk, &mut qg);
                 let ko = Operand::new(&ks[k0 * kvd..], kvd).t();
@@ -258,15 +265,8 @@ pub fn attention_backward(
             let mut unused = [0.0f32; 0];
             let dims = (b, t_len, qd, d);
             for t0 in (0..t_len).step_by(QB) {
-                let t1 = (t0 + QB).min(t_len);
-                let k0 = block_keys(rows, b, t0, t1, geom.window);
-                let blk = Block {
-                    b,
-                    t0,
-                    t1,
-                    k0,
-                    heads: group,
-                };
+                let blk = Block::at(rows, b, t0, group, geom.window);
+                let (t1, k0) = (blk.t1, blk.k0);
                 let (m, w) = (blk.m(), blk.w());
                 let gm = group * m;
                 gather(s.q, dims, h0, blk, &mut qg);
