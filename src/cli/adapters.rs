@@ -32,6 +32,13 @@ pub struct ExportArgs {
     /// Output file (gguf) or directory (peft).
     #[arg(long, value_name = "PATH")]
     out: PathBuf,
+    #[command(flatten)]
+    opts: WriteOpts,
+}
+
+/// Options `export` and `import` share.
+#[derive(Args)]
+pub struct WriteOpts {
     /// The base model the adapter belongs to (names and row order depend on
     /// it) [default: models/SmolLM2-135M-Instruct.Q4_1.gguf, or $EDGETUNE_MODEL].
     #[arg(long, value_name = "FILE")]
@@ -55,18 +62,8 @@ pub struct ImportArgs {
     /// The GGUF adapter to write.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
-    /// The base model [default: models/SmolLM2-135M-Instruct.Q4_1.gguf, or $EDGETUNE_MODEL].
-    #[arg(long, value_name = "FILE")]
-    model: Option<PathBuf>,
-    /// Store tensors in f16.
-    #[arg(long)]
-    f16: bool,
-    /// Replace an existing output file.
-    #[arg(long)]
-    force: bool,
-    /// Print a JSON summary.
-    #[arg(long)]
-    json: bool,
+    #[command(flatten)]
+    opts: WriteOpts,
 }
 
 /// Tensor types `merge` writes.
@@ -227,6 +224,15 @@ fn check_free(paths: &[PathBuf], force: bool) -> Result<(), Error> {
     }
 }
 
+/// Read `adapter` against the model of `o`, write it to `out` in `format`
+/// and print what was written.
+fn convert(adapter: &Path, format: Format, out: &Path, o: &WriteOpts) -> Result<(), Error> {
+    let model = Model::open(model_path(o.model.as_deref())?)?;
+    let lora = load_adapter(adapter, &model)?;
+    let written = write(&lora, &model, format, out, o.f16, o.force)?;
+    done(&lora, &written, o.json)
+}
+
 fn write(
     lora: &LoraFile,
     model: &Model,
@@ -286,10 +292,7 @@ fn done(lora: &LoraFile, written: &[PathBuf], json: bool) -> Result<(), Error> {
 }
 
 pub fn export(a: ExportArgs) -> Result<(), Error> {
-    let model = Model::open(model_path(a.model.as_deref())?)?;
-    let lora = load_adapter(&a.adapter, &model)?;
-    let written = write(&lora, &model, a.format, &a.out, a.f16, a.force)?;
-    done(&lora, &written, a.json)
+    convert(&a.adapter, a.format, &a.out, &a.opts)
 }
 
 pub fn import(a: ImportArgs) -> Result<(), Error> {
@@ -300,10 +303,7 @@ pub fn import(a: ImportArgs) -> Result<(), Error> {
             peft::CONFIG_FILE
         )));
     }
-    let model = Model::open(model_path(a.model.as_deref())?)?;
-    let lora = load_adapter(&a.dir, &model)?;
-    let written = write(&lora, &model, Format::Gguf, &a.out, a.f16, a.force)?;
-    done(&lora, &written, a.json)
+    convert(&a.dir, Format::Gguf, &a.out, &a.opts)
 }
 
 /// What `adapters` prints about one adapter.
