@@ -45,6 +45,9 @@ enum BenchWhat {
     /// LoRA training steps: tokens/s, planned and measured peak memory, and
     /// where one step's time goes.
     Train(super::bench_train::TrainBenchArgs),
+    /// Serving many LoRA adapters on one base: requests with distinct
+    /// adapters in one batch, against one request or one adapter at a time.
+    Adapters(super::bench_adapters::AdapterBenchArgs),
 }
 
 fn parse_shape(s: &str) -> Result<[usize; 3], String> {
@@ -57,8 +60,10 @@ fn parse_shape(s: &str) -> Result<[usize; 3], String> {
 }
 
 pub fn run(a: BenchArgs) -> Result<(), Error> {
-    if let Some(BenchWhat::Train(t)) = a.what {
-        return super::bench_train::run(t);
+    match a.what {
+        Some(BenchWhat::Train(t)) => return super::bench_train::run(t),
+        Some(BenchWhat::Adapters(t)) => return super::bench_adapters::run(t),
+        None => {}
     }
     let t = Instant::now();
     let model = Model::open(a.model.path()?)?;

@@ -2,6 +2,7 @@
 
 mod adapters;
 mod bench;
+mod bench_adapters;
 mod bench_train;
 mod generate;
 mod info;

@@ -9,7 +9,7 @@ use std::ops::ControlFlow;
 use std::time::Instant;
 
 /// Prompt tokens run in one batched pass; longer prompts take several.
-const PREFILL_CHUNK: usize = 512;
+pub(crate) const PREFILL_CHUNK: usize = 512;
 
 /// Options of [`generate`].
 #[derive(Debug, Clone)]

@@ -260,14 +260,31 @@ impl LoraWeights {
         self.by_base.is_empty()
     }
 
+    /// Whether the base tensor named `base` is adapted.
+    pub fn adapts(&self, base: &str) -> bool {
+        self.by_base.contains_key(base)
+    }
+
     /// `out (n, n_out) += s·(x·Aᵀ)·Bᵀ` for `x (n, n_in)` when `base` is adapted.
     pub fn apply(&self, base: &str, x: &[f32], out: &mut [f32]) {
+        self.apply_with(base, x, out, false)
+    }
+
+    /// [`LoraWeights::apply`]; `invariant` computes each row's products
+    /// exactly as it would alone (see [`crate::backend::cpu::invariant`]).
+    pub fn apply_with(&self, base: &str, x: &[f32], out: &mut [f32], invariant: bool) {
         use crate::backend::cpu::gemm::{Operand, matmul_into};
+        use crate::backend::cpu::invariant;
         let Some(d) = self.by_base.get(base) else {
             return;
         };
         let n = x.len() / d.n_in;
         let mut h = vec![0.0; n * d.rank];
+        if invariant {
+            invariant::matmul_f32(x, &d.a, d.n_in, &mut h, false);
+            invariant::matmul_f32(&h, &d.b, d.rank, out, true);
+            return;
+        }
         matmul_into(
             n,
             d.rank,

@@ -3,10 +3,12 @@
 //! per band or per row; only norm vectors (a few KB) are kept as f32.
 
 use super::attention::{AttnShape, attention};
+use super::invariant;
 use super::matmul::{MatvecMode, QMatrix, matmul_with};
 use super::ops::{add_assign, gated_activation, rms_norm, rope};
 use crate::backend::Logits;
 use crate::model::{DecoderSpec, Model, Weight};
+use crate::peft::lora::LoraWeights;
 use crate::{Error, Result};
 use std::sync::Arc;
 
@@ -51,6 +53,105 @@ impl KvCache {
     }
 }
 
+/// One sequence of a [`CpuDecoder::forward_batch`] pass.
+pub struct SeqPass<'a> {
+    /// Tokens to append.
+    pub tokens: &'a [u32],
+    /// The sequence's cache; the tokens go after what it holds.
+    pub cache: &'a mut KvCache,
+    /// Adapters of this sequence (applied after the decoder's own).
+    pub adapters: &'a [Arc<LoraWeights>],
+}
+
+/// Where one sequence's rows sit in a batched pass.
+struct SeqRows<'a> {
+    start: usize,
+    len: usize,
+    pos0: usize,
+    adapters: &'a [Arc<LoraWeights>],
+}
+
+impl SeqRows<'_> {
+    fn rows<'x>(&self, x: &'x [f32], width: usize) -> &'x [f32] {
+        &x[self.start * width..(self.start + self.len) * width]
+    }
+
+    fn rows_mut<'x>(&self, x: &'x mut [f32], width: usize) -> &'x mut [f32] {
+        &mut x[self.start * width..(self.start + self.len) * width]
+    }
+}
+
+/// The sequences' adapters of a pass, grouped so that each adapter runs
+/// once over all rows that use it (Punica's gathered products): level `i`
+/// holds the `i`-th adapter of every stack, so each row still receives its
+/// adapters in its own order.
+#[derive(Default)]
+struct AdapterGroups<'a> {
+    /// Per level: each adapter with the rows using it, ascending.
+    levels: Vec<Vec<(&'a LoraWeights, Vec<usize>)>>,
+}
+
+impl<'a> AdapterGroups<'a> {
+    fn new(seqs: &[SeqRows<'a>]) -> Self {
+        let mut levels: Vec<Vec<(&'a LoraWeights, Vec<usize>)>> = Vec::new();
+        for seq in seqs {
+            for (i, a) in seq.adapters.iter().enumerate() {
+                if levels.len() <= i {
+                    levels.push(Vec::new());
+                }
+                let rows = seq.start..seq.start + seq.len;
+                match levels[i].iter_mut().find(|(b, _)| std::ptr::eq(*b, &**a)) {
+                    Some((_, r)) => r.extend(rows),
+                    None => levels[i].push((&**a, rows.collect())),
+                }
+            }
+        }
+        AdapterGroups { levels }
+    }
+
+    /// `out (·, n_out) += Δ(x (·, n_in))` of `base` for every group. The
+    /// groups of a level, split into chunks of rows, run in parallel; each
+    /// chunk's change is added to its rows afterwards (the same single
+    /// addition per output as applying in place).
+    fn apply(
+        &self,
+        base: &str,
+        x: &[f32],
+        n_in: usize,
+        out: &mut [f32],
+        n_out: usize,
+        invariant: bool,
+    ) {
+        use rayon::prelude::*;
+        let chunk = if invariant { 8 } else { 64 };
+        for level in &self.levels {
+            let tasks: Vec<(&LoraWeights, &[usize])> = level
+                .iter()
+                .filter(|(a, _)| a.adapts(base))
+                .flat_map(|(a, rows)| rows.chunks(chunk).map(move |c| (*a, c)))
+                .collect();
+            let deltas: Vec<Vec<f32>> = tasks
+                .par_iter()
+                .map(|(a, rows)| {
+                    let mut xg = Vec::with_capacity(rows.len() * n_in);
+                    for &r in rows.iter() {
+                        xg.extend_from_slice(&x[r * n_in..(r + 1) * n_in]);
+                    }
+                    let mut d = vec![0.0; rows.len() * n_out];
+                    a.apply_with(base, &xg, &mut d, invariant);
+                    d
+                })
+                .collect();
+            for ((_, rows), d) in tasks.iter().zip(&deltas) {
+                for (&r, dr) in rows.iter().zip(d.chunks_exact(n_out)) {
+                    let o = &mut out[r * n_out..(r + 1) * n_out];
+                    o.iter_mut().zip(dr).for_each(|(o, d)| *o += d);
+                }
+            }
+        }
+    }
+}
+
 /// Norm vectors of one layer, decoded once.
 struct LayerNorms {
     attn: Vec<f32>,
@@ -76,7 +177,7 @@ pub struct CpuDecoder<'m> {
     norms: Vec<LayerNorms>,
     output_norm: Vec<f32>,
     matvec: MatvecMode,
-    adapters: Vec<std::sync::Arc<crate::peft::lora::LoraWeights>>,
+    adapters: Vec<Arc<LoraWeights>>,
     /// The decoder's own workers. A whole pass runs inside `pool.install`
     /// (one hand-off per pass), so the hundreds of small parallel loops of a
     /// single-token step are forked from a worker and do not each inject a job
@@ -153,16 +254,32 @@ impl<'m> CpuDecoder<'m> {
         self.pool.current_num_threads()
     }
 
-    fn matmul(&self, x: &[f32], w: &'m Weight, out: &mut [f32]) {
-        matmul_with(x, &self.qmatrix(w), out, self.matvec);
-        for a in &self.adapters {
-            a.apply(&w.name, x, out);
+    /// `out = x·Wᵀ` over all rows of a pass, then the decoder's adapters on
+    /// every row and each sequence's own adapters on its rows.
+    /// `invariant`: batch-invariant products (see [`CpuDecoder::forward_batch`]).
+    fn matmul(
+        &self,
+        x: &[f32],
+        w: &Weight,
+        out: &mut [f32],
+        groups: &AdapterGroups,
+        invariant: bool,
+    ) {
+        let q = self.qmatrix(w);
+        if invariant {
+            invariant::matmul(x, &q, out);
+        } else {
+            matmul_with(x, &q, out, self.matvec);
         }
+        for a in &self.adapters {
+            a.apply_with(&w.name, x, out, invariant);
+        }
+        groups.apply(&w.name, x, w.cols, out, w.rows, invariant);
     }
 
     /// Add a LoRA adapter to every pass (adapters stack, each with the
     /// strength it was loaded with).
-    pub fn add_adapter(&mut self, adapter: std::sync::Arc<crate::peft::lora::LoraWeights>) {
+    pub fn add_adapter(&mut self, adapter: Arc<LoraWeights>) {
         self.adapters.push(adapter);
     }
 
@@ -185,7 +302,7 @@ impl<'m> CpuDecoder<'m> {
         }
     }
 
-    fn qmatrix(&self, w: &'m Weight) -> QMatrix<'m> {
+    fn qmatrix(&self, w: &Weight) -> QMatrix<'m> {
         QMatrix::new(w.ty, w.rows, w.cols, self.model.data(w))
             .expect("weight shape validated at load")
     }
@@ -213,54 +330,82 @@ impl<'m> CpuDecoder<'m> {
     /// Run `tokens` at the positions after those in `cache`, append their keys
     /// and values, and return the final-norm hidden states `(n_tok, n_embd)`.
     pub fn forward_hidden(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
-        self.pool.install(|| self.run_layers(tokens, cache))
+        let mut seqs = [SeqPass {
+            tokens,
+            cache,
+            adapters: &[],
+        }];
+        self.pool.install(|| self.run_layers(&mut seqs, false))
     }
 
-    fn run_layers(&self, tokens: &[u32], cache: &mut KvCache) -> Result<Vec<f32>> {
+    /// One pass over several sequences at once: each appends its tokens to
+    /// its own cache and applies its own adapters (on top of the decoder's),
+    /// while every frozen product runs once over the rows of all of them.
+    /// Returns the final-norm hidden states of all rows, in order
+    /// `(Σ n_tok, n_embd)`.
+    ///
+    /// `invariant` computes every product with the batch-invariant kernels
+    /// ([`invariant`]): each row gets the same bits whatever else is in the
+    /// pass, so a request decoded in a batch gets the tokens it gets alone
+    /// (in another invariant pass). Otherwise products take the fastest
+    /// path for the number of rows (row dot products below 4 rows, a GEMM
+    /// from 4), whose last bits depend on that number.
+    pub fn forward_batch(&self, seqs: &mut [SeqPass<'_>], invariant: bool) -> Result<Vec<f32>> {
+        self.pool.install(|| self.run_layers(seqs, invariant))
+    }
+
+    fn run_layers(&self, seqs: &mut [SeqPass<'_>], invariant: bool) -> Result<Vec<f32>> {
         let s = self.spec();
+        if seqs.is_empty() {
+            return Err(Error::Invalid(
+                "a batched pass needs at least one sequence".into(),
+            ));
+        }
+        let mut tokens = Vec::new();
+        let mut rows = Vec::with_capacity(seqs.len());
+        for seq in seqs.iter() {
+            let cache = &seq.cache;
+            if cache.k.len() != s.layers.len() || cache.kv_row != s.n_kv_head * s.head_dim {
+                return Err(Error::Invalid(
+                    "this KV cache was made for another model".into(),
+                ));
+            }
+            crate::backend::check_tokens(s, seq.tokens, cache.len, cache.capacity)?;
+            rows.push(SeqRows {
+                start: tokens.len(),
+                len: seq.tokens.len(),
+                pos0: cache.len,
+                adapters: seq.adapters,
+            });
+            tokens.extend_from_slice(seq.tokens);
+        }
         let n = tokens.len();
-        if n == 0 {
-            return Err(Error::Invalid(
-                "a forward pass needs at least one token".into(),
-            ));
-        }
-        if cache.k.len() != s.layers.len() || cache.kv_row != s.n_kv_head * s.head_dim {
-            return Err(Error::Invalid(
-                "this KV cache was made for another model".into(),
-            ));
-        }
-        let pos0 = cache.len;
-        if pos0 + n > cache.capacity {
-            return Err(Error::Invalid(format!(
-                "{} tokens do not fit the context: {pos0} already held, capacity {}",
-                n, cache.capacity
-            )));
-        }
         let (d, e) = (s.head_dim, s.n_embd);
         let (q_dim, kv_dim) = (s.n_head * d, s.n_kv_head * d);
-        let mut x = self.embed(tokens)?;
+        let mut x = self.embed(&tokens)?;
         let mut h = vec![0.0; n * e];
         let mut q = vec![0.0; n * q_dim];
+        let mut k = vec![0.0; n * kv_dim];
+        let mut v = vec![0.0; n * kv_dim];
         let mut att = vec![0.0; n * q_dim];
         let mut o = vec![0.0; n * e];
         let mut gate = vec![0.0; n * s.n_ff];
         let mut up = vec![0.0; n * s.n_ff];
+        let groups = AdapterGroups::new(&rows);
+        let mm =
+            |x: &[f32], w: &Weight, out: &mut [f32]| self.matmul(x, w, out, &groups, invariant);
         for (li, (l, norms)) in s.layers.iter().zip(&self.norms).enumerate() {
             h.copy_from_slice(&x);
             rms_norm(&mut h, &norms.attn, s.norm_eps);
-            self.matmul(&h, &l.wq, &mut q);
-            let kc = &mut cache.k[li][pos0 * kv_dim..(pos0 + n) * kv_dim];
-            self.matmul(&h, &l.wk, kc);
+            mm(&h, &l.wq, &mut q);
+            mm(&h, &l.wk, &mut k);
+            mm(&h, &l.wv, &mut v);
             if let Some(w) = &norms.k {
-                rms_norm(kc, w, s.norm_eps);
+                rms_norm(&mut k, w, s.norm_eps);
             }
-            rope(kc, n, d, pos0, &l.rope);
-            let vc = &mut cache.v[li][pos0 * kv_dim..(pos0 + n) * kv_dim];
-            self.matmul(&h, &l.wv, vc);
             if let Some(w) = &norms.q {
                 rms_norm(&mut q, w, s.norm_eps);
             }
-            rope(&mut q, n, d, pos0, &l.rope);
             let shape = AttnShape {
                 n_head: s.n_head,
                 n_kv_head: s.n_kv_head,
@@ -268,8 +413,18 @@ impl<'m> CpuDecoder<'m> {
                 scale: s.attn_scale,
                 window: l.window,
             };
-            attention(&q, &cache.k[li], &cache.v[li], pos0, &shape, &mut att);
-            self.matmul(&att, &l.wo, &mut o);
+            for (r, seq) in rows.iter().zip(seqs.iter_mut()) {
+                let (kr, vr) = (r.rows_mut(&mut k, kv_dim), r.rows(&v, kv_dim));
+                rope(kr, r.len, d, r.pos0, &l.rope);
+                let span = r.pos0 * kv_dim..(r.pos0 + r.len) * kv_dim;
+                seq.cache.k[li][span.clone()].copy_from_slice(kr);
+                seq.cache.v[li][span].copy_from_slice(vr);
+                let qr = r.rows_mut(&mut q, q_dim);
+                rope(qr, r.len, d, r.pos0, &l.rope);
+                let (kc, vc) = (&seq.cache.k[li], &seq.cache.v[li]);
+                attention(qr, kc, vc, r.pos0, &shape, r.rows_mut(&mut att, q_dim));
+            }
+            mm(&att, &l.wo, &mut o);
             if let Some(w) = &norms.post_attn {
                 rms_norm(&mut o, w, s.norm_eps);
             }
@@ -277,18 +432,55 @@ impl<'m> CpuDecoder<'m> {
 
             h.copy_from_slice(&x);
             rms_norm(&mut h, &norms.ffn, s.norm_eps);
-            self.matmul(&h, &l.w_gate, &mut gate);
-            self.matmul(&h, &l.w_up, &mut up);
+            mm(&h, &l.w_gate, &mut gate);
+            mm(&h, &l.w_up, &mut up);
             gated_activation(&mut gate, &up, s.activation);
-            self.matmul(&gate, &l.w_down, &mut o);
+            mm(&gate, &l.w_down, &mut o);
             if let Some(w) = &norms.post_ffn {
                 rms_norm(&mut o, w, s.norm_eps);
             }
             add_assign(&mut x, &o);
         }
-        cache.len += n;
+        for (r, seq) in rows.iter().zip(seqs.iter_mut()) {
+            seq.cache.len = r.pos0 + r.len;
+        }
         rms_norm(&mut x, &self.output_norm, s.norm_eps);
         Ok(x)
+    }
+
+    /// Logits of the rows of `hidden` (`(n, n_embd)`), each row with its own
+    /// adapters on the output matrix (`adapters[i]` for row `i`). `invariant`
+    /// as in [`CpuDecoder::forward_batch`].
+    pub fn logits_batch(
+        &self,
+        hidden: &[f32],
+        adapters: &[&[Arc<LoraWeights>]],
+        invariant: bool,
+    ) -> Result<Vec<f32>> {
+        let s = self.spec();
+        if hidden.len() != adapters.len() * s.n_embd {
+            return Err(Error::Invalid(format!(
+                "{} hidden values for {} rows of {}",
+                hidden.len(),
+                adapters.len(),
+                s.n_embd
+            )));
+        }
+        let rows: Vec<SeqRows> = adapters
+            .iter()
+            .enumerate()
+            .map(|(i, a)| SeqRows {
+                start: i,
+                len: 1,
+                pos0: 0,
+                adapters: a,
+            })
+            .collect();
+        let groups = AdapterGroups::new(&rows);
+        let mut out = vec![0.0; adapters.len() * s.n_vocab];
+        self.pool
+            .install(|| self.matmul(hidden, &s.output, &mut out, &groups, invariant));
+        Ok(out)
     }
 
     /// Logits of hidden states `(n, n_embd)`: `(n, n_vocab)`.
@@ -303,8 +495,15 @@ impl<'m> CpuDecoder<'m> {
         }
         let n = hidden.len() / s.n_embd;
         let mut out = vec![0.0; n * s.n_vocab];
-        self.pool
-            .install(|| self.matmul(hidden, &s.output, &mut out));
+        self.pool.install(|| {
+            self.matmul(
+                hidden,
+                &s.output,
+                &mut out,
+                &AdapterGroups::default(),
+                false,
+            )
+        });
         Ok(out)
     }
 

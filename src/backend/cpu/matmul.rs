@@ -114,13 +114,7 @@ pub fn matmul_with(x: &[f32], w: &QMatrix, out: &mut [f32], mode: MatvecMode) {
         "matmul: out is not (n_tok, rows)"
     );
     if n_tok < GEMM_MIN_TOKENS {
-        for (xt, ot) in x.chunks_exact(w.cols).zip(out.chunks_exact_mut(w.rows)) {
-            match mode {
-                MatvecMode::Exact => matvec(xt, w, ot),
-                MatvecMode::Q8 => matvec_q8(xt, w, ot),
-            }
-        }
-        return;
+        return matmul_rows(x, w, out, mode);
     }
     let bands = w.rows.div_ceil(BAND);
     let out_ptr = SharedOut(out.as_mut_ptr());
@@ -150,6 +144,61 @@ pub fn matmul_with(x: &[f32], w: &QMatrix, out: &mut [f32], mode: MatvecMode) {
             }
         },
     );
+}
+
+/// Every token's row of `out` exactly as [`matvec`] (or [`matvec_q8`], per
+/// `mode`) computes it alone, with each chunk of weight rows read once for
+/// all tokens: a batch of single-token passes shares the weight traffic
+/// and gets the bits of each pass run by itself.
+pub fn matmul_rows(x: &[f32], w: &QMatrix, out: &mut [f32], mode: MatvecMode) {
+    let n_tok = x.len() / w.cols;
+    assert_eq!(x.len(), n_tok * w.cols, "matmul: x is not (n_tok, cols)");
+    assert_eq!(
+        out.len(),
+        n_tok * w.rows,
+        "matmul: out is not (n_tok, rows)"
+    );
+    if n_tok == 1 {
+        return match mode {
+            MatvecMode::Exact => matvec(x, w, out),
+            MatvecMode::Q8 => matvec_q8(x, w, out),
+        };
+    }
+    let q8 =
+        mode == MatvecMode::Q8 && !matches!(w.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16);
+    let acts: Vec<_> = if q8 {
+        x.chunks_exact(w.cols)
+            .map(quant::quantize_activation_q8)
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let rb = w.row_bytes();
+    let out_ptr = SharedOut(out.as_mut_ptr());
+    (0..w.rows.div_ceil(DOT_CHUNK))
+        .into_par_iter()
+        .for_each(|c| {
+            let r0 = c * DOT_CHUNK;
+            let nr = DOT_CHUNK.min(w.rows - r0);
+            for t in 0..n_tok {
+                // SAFETY: this task writes only columns r0..r0+nr of row t of
+                // out (in bounds: out is n_tok × rows); chunks are disjoint and
+                // `out` outlives the parallel loop.
+                let o = unsafe {
+                    std::slice::from_raw_parts_mut(out_ptr.ptr().add(t * w.rows + r0), nr)
+                };
+                if q8 {
+                    let rows = &w.data[r0 * rb..(r0 + nr) * rb];
+                    quant::matvec_q8(w.ty, rows, &acts[t], o)
+                        .expect("QMatrix shape checked in new");
+                } else {
+                    let xt = &x[t * w.cols..(t + 1) * w.cols];
+                    for (i, y) in o.iter_mut().enumerate() {
+                        *y = quant::dot_row(w.ty, w.row(r0 + i), xt);
+                    }
+                }
+            }
+        });
 }
 
 /// `out[r] = W[r, :] · x` for one token.

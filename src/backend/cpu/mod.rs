@@ -5,6 +5,7 @@
 pub mod attention;
 mod decoder;
 pub mod gemm;
+pub mod invariant;
 pub mod matmul;
 pub mod ops;
 mod session;
@@ -20,6 +21,6 @@ pub fn resolve_threads(threads: usize) -> usize {
         n => n,
     }
 }
-pub use decoder::{CpuDecoder, CpuOptions, KvCache};
+pub use decoder::{CpuDecoder, CpuOptions, KvCache, SeqPass};
 pub use matmul::MatvecMode;
 pub use session::CpuSession;
