@@ -34,6 +34,7 @@ pub mod infer;
 pub mod model;
 pub mod peft;
 pub mod quant;
+pub mod serve;
 pub mod tokenizer;
 pub mod train;
 

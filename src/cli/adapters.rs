@@ -5,7 +5,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use edgetune::Error;
 use edgetune::export::gguf_lora::{self, LoraFile};
 use edgetune::export::merge::{MergeType, logit_error, merge};
-use edgetune::export::{AdapterFormat, load_adapter, peft};
+use edgetune::export::{AdapterFormat, find_adapters, load_adapter, peft};
 use edgetune::model::Model;
 use edgetune::tokenizer::Tokenizer;
 use serde_json::json;
@@ -402,60 +402,45 @@ pub fn run(c: AdaptersCommand) -> Result<(), Error> {
             }
         }
         AdaptersCommand::Ls { dir, json } => {
-            let mut entries: Vec<PathBuf> = std::fs::read_dir(&dir)
-                .map_err(|e| Error::io(&dir, e))?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .collect();
-            entries.sort();
             let mut out = String::new();
             let mut found = 0;
-            for path in entries {
-                let format = AdapterFormat::detect(&path);
-                let lora = match format {
-                    AdapterFormat::Gguf if path.extension().is_some_and(|e| e == "gguf") => {
-                        // A base model or another GGUF is not an adapter: skip it.
-                        match gguf_lora::read(&path) {
-                            Ok(l) => l,
-                            Err(_) => continue,
-                        }
-                    }
-                    AdapterFormat::Peft => {
-                        let cfg = std::fs::read_to_string(path.join(peft::CONFIG_FILE))
-                            .map_err(|e| Error::io(path.join(peft::CONFIG_FILE), e))?;
-                        let v: serde_json::Value = serde_json::from_str(&cfg).map_err(|e| {
-                            Error::Invalid(format!(
-                                "{}: {e}",
-                                path.join(peft::CONFIG_FILE).display()
-                            ))
-                        })?;
-                        found += 1;
-                        let d = json!({
-                            "path": path,
-                            "format": "peft",
-                            "peft_type": v["peft_type"],
-                            "rank": v["r"],
-                            "alpha": v["lora_alpha"],
-                        });
-                        if json {
-                            report!(out, "{d}");
-                        } else {
-                            report!(
-                                out,
-                                "{:<40} peft  {} r={} alpha={}",
-                                path.display(),
-                                v["peft_type"].as_str().unwrap_or("?"),
-                                v["r"],
-                                v["lora_alpha"]
-                            );
-                        }
-                        continue;
-                    }
-                    _ => continue,
-                };
+            for (path, format) in find_adapters(&dir)? {
                 found += 1;
-                let d = describe(&path, format, &lora);
+                if format == AdapterFormat::Peft {
+                    // Described from its config alone: reading the weights
+                    // needs the base model's layout.
+                    let cfg_path = path.join(peft::CONFIG_FILE);
+                    let cfg =
+                        std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+                    let v: serde_json::Value = serde_json::from_str(&cfg)
+                        .map_err(|e| Error::Invalid(format!("{}: {e}", cfg_path.display())))?;
+                    if json {
+                        report!(
+                            out,
+                            "{}",
+                            json!({
+                                "path": path,
+                                "format": "peft",
+                                "peft_type": v["peft_type"],
+                                "rank": v["r"],
+                                "alpha": v["lora_alpha"],
+                            })
+                        );
+                    } else {
+                        report!(
+                            out,
+                            "{:<40} peft  {} r={} alpha={}",
+                            path.display(),
+                            v["peft_type"].as_str().unwrap_or("?"),
+                            v["r"],
+                            v["lora_alpha"]
+                        );
+                    }
+                    continue;
+                }
+                let lora = gguf_lora::read(&path)?;
                 if json {
-                    report!(out, "{d}");
+                    report!(out, "{}", describe(&path, format, &lora));
                 } else {
                     report!(
                         out,

@@ -8,6 +8,7 @@ mod generate;
 mod info;
 mod plan;
 mod score;
+mod serve;
 mod train;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -59,6 +60,9 @@ enum Command {
     /// List and describe adapters.
     #[command(subcommand)]
     Adapters(adapters::AdaptersCommand),
+    /// Serve the model and many adapters at once over an OpenAI-compatible
+    /// HTTP API on localhost (requests with different adapters share passes).
+    Serve(serve::ServeArgs),
     /// Fine-tune a LoRA adapter on a data file or folder of notes.
     Train(train::TrainArgs),
     /// The memory a training run would need, before running it.
@@ -473,6 +477,7 @@ pub fn main() -> ExitCode {
         Command::Export(a) => adapters::export(a),
         Command::Import(a) => adapters::import(a),
         Command::Adapters(c) => adapters::run(c),
+        Command::Serve(a) => serve::run(a),
         Command::Merge(a) => adapters::merge_cmd(a),
         Command::ProbeGpu => {
             let found = quiet_wayland_probe(|| {

@@ -8,7 +8,7 @@ pub mod peft;
 use crate::model::Model;
 use crate::{Error, Result};
 use gguf_lora::LoraFile;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// The formats an adapter is read from and written to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,4 +48,42 @@ pub fn load_adapter(path: &Path, model: &Model) -> Result<LoraFile> {
     file.check_base(model.file())
         .map_err(|e| Error::Invalid(format!("{} does not fit the model: {e}", path.display())))?;
     Ok(file)
+}
+
+/// The adapters in `dir` (not its subfolders' contents), sorted by path:
+/// `.gguf` files that read as GGUF LoRA adapters (a base model or any other
+/// GGUF is passed over), and PEFT directories.
+pub fn find_adapters(dir: &Path) -> Result<Vec<(PathBuf, AdapterFormat)>> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    entries.sort();
+    Ok(entries
+        .into_iter()
+        .filter_map(|path| match AdapterFormat::detect(&path) {
+            AdapterFormat::Peft => Some((path, AdapterFormat::Peft)),
+            AdapterFormat::Gguf
+                if path.extension().is_some_and(|e| e == "gguf")
+                    && gguf_lora::read(&path).is_ok() =>
+            {
+                Some((path, AdapterFormat::Gguf))
+            }
+            AdapterFormat::Gguf => None,
+        })
+        .collect())
+}
+
+/// The name an adapter at `path` is known by: its file name without
+/// `.gguf`, or its directory's name.
+pub fn adapter_name(path: &Path) -> String {
+    let name = if path.is_dir() {
+        path.file_name()
+    } else {
+        path.file_stem()
+    };
+    name.map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }

@@ -75,9 +75,14 @@ pub struct AdapterFigure {
 /// `decoder`'s model; at `strength` 1 its changes are about as large as a
 /// briefly trained adapter's.
 pub fn random_adapter(decoder: &CpuDecoder, rank: usize, strength: f32, seed: u64) -> LoraWeights {
+    LoraWeights::new(&random_lora(decoder.spec(), rank, seed), strength)
+}
+
+/// The adapter file of [`random_adapter`] (strength 1).
+pub fn random_lora(spec: &crate::model::DecoderSpec, rank: usize, seed: u64) -> LoraFile {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
     let mut pairs = Vec::new();
-    for l in &decoder.spec().layers {
+    for l in &spec.layers {
         for w in [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down] {
             let (n_in, n_out) = (w.cols, w.rows);
             let bound = 1.0 / (n_in as f32).sqrt();
@@ -96,14 +101,13 @@ pub fn random_adapter(decoder: &CpuDecoder, rank: usize, strength: f32, seed: u6
             });
         }
     }
-    let file = LoraFile {
-        arch: String::new(),
+    LoraFile {
+        arch: spec.arch.clone(),
         rank,
         alpha: 2.0 * rank as f32,
         pairs,
         metadata: Vec::new(),
-    };
-    LoraWeights::new(&file, strength)
+    }
 }
 
 /// Tokens made, seconds in prompt passes, seconds in decode steps.

@@ -10,7 +10,9 @@ mod sample;
 mod score;
 
 pub use batch::{Batch, BatchEvent, BatchOptions, RequestId};
-pub use batch_bench::{AdapterBenchOptions, AdapterFigure, bench_adapters, random_adapter};
+pub use batch_bench::{
+    AdapterBenchOptions, AdapterFigure, bench_adapters, random_adapter, random_lora,
+};
 pub use bench::{
     BenchOptions, BenchResult, FormatBenchOptions, FormatFigure, bench, bench_formats,
 };
