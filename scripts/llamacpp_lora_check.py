@@ -9,7 +9,11 @@ and compares with edgetune on the same text and prompt:
   (llama.cpp rounds activations to 8 bits, so later tokens may drift).
 
     CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python
-    python scripts/llamacpp_lora_check.py MODEL.gguf ADAPTER.gguf TEXT [--edgetune target/release/edgetune]
+    python scripts/llamacpp_lora_check.py MODEL.gguf ADAPTER.gguf TEXT [--edgetune target/release/edgetune] [--merged MERGED.gguf]
+
+With `--merged` (a model `edgetune merge MODEL ADAPTER` wrote), llama.cpp
+also loads the merged model alone; its perplexity is compared with
+`edgetune score` on the merged model and with base + adapter.
 
 Prints a JSON report and exits non-zero when llama.cpp's adapted perplexity
 differs from edgetune's by more than 2%, or when the adapter's effect (the
@@ -77,17 +81,21 @@ def main():
     ap.add_argument("text")
     ap.add_argument("--edgetune", default="target/release/edgetune")
     ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--merged")
     a = ap.parse_args()
     text = open(a.text, encoding="utf-8").read()
     context = 512
     report = {}
-    for name, adapter in [("base", None), ("adapted", a.adapter)]:
-        llm = llama(a.model, adapter, context)
+    runs = [("base", a.model, None), ("adapted", a.model, a.adapter)]
+    if a.merged:
+        runs.append(("merged", a.merged, None))
+    for name, model, adapter in runs:
+        llm = llama(model, adapter, context)
         n, ppl = llama_ppl(llm, text, context)
         extra = ["--adapter", adapter] if adapter else []
-        et = edgetune(a.edgetune, ["score", a.model, a.text, "--context", str(context), "--device", "cpu", *extra])
+        et = edgetune(a.edgetune, ["score", model, a.text, "--context", str(context), "--device", "cpu", *extra])
         g_llama = llama_greedy(llm, a.tokens)
-        g_et = edgetune(a.edgetune, ["generate", a.model, "-p", PROMPT, "--max-tokens", str(a.tokens), "--device", "cpu", *extra])["text"]
+        g_et = edgetune(a.edgetune, ["generate", model, "-p", PROMPT, "--max-tokens", str(a.tokens), "--device", "cpu", *extra])["text"]
         report[name] = {
             "tokens": n,
             "perplexity_llama_cpp": ppl,
@@ -101,8 +109,16 @@ def main():
     eff_llama = report["adapted"]["perplexity_llama_cpp"] / report["base"]["perplexity_llama_cpp"]
     eff_et = report["adapted"]["perplexity_edgetune"] / report["base"]["perplexity_edgetune"]
     report["adapter_effect"] = {"llama_cpp": eff_llama, "edgetune": eff_et}
+    if a.merged:
+        m = report["merged"]
+        # The merged model in llama.cpp against base + adapter in edgetune.
+        m["relative_difference_to_adapted_edgetune"] = (
+            abs(m["perplexity_llama_cpp"] - report["adapted"]["perplexity_edgetune"]) / report["adapted"]["perplexity_edgetune"]
+        )
     print(json.dumps(report, indent=1))
     ok = report["adapted"]["relative_difference"] < 0.02 and abs(math.log(eff_llama) - math.log(eff_et)) < 0.1 * abs(math.log(eff_et))
+    if a.merged:
+        ok = ok and report["merged"]["relative_difference"] < 0.02
     sys.exit(0 if ok else 1)
 
 
