@@ -41,8 +41,8 @@ pub struct ServeArgs {
     /// Most requests decoded together; more wait their turn.
     #[arg(long, default_value_t = 16)]
     max_batch: usize,
-    /// Most tokens a request may ask for (and what a chat request that
-    /// names none gets).
+    /// Most tokens a request gets (larger requests are clamped; a chat
+    /// request that names none gets this many at most).
     #[arg(long, default_value_t = 512)]
     max_tokens: usize,
     /// A Jinja chat template file, for models without one.
@@ -52,9 +52,6 @@ pub struct ServeArgs {
     /// batch-invariant ones: tokens may then depend on the other requests.
     #[arg(long)]
     gemm: bool,
-    /// 8-bit activations in the first token's products (as `generate --fast`).
-    #[arg(long)]
-    fast: bool,
     /// CPU worker threads (default: one per core).
     #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     threads: usize,
@@ -108,16 +105,17 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         &model,
         CpuOptions {
             threads: a.threads,
-            matvec: if a.fast {
-                MatvecMode::Q8
-            } else {
-                MatvecMode::Exact
-            },
+            matvec: MatvecMode::Exact,
         },
     )?;
-    let base_name = a.base_name.clone().unwrap_or_else(|| adapter_name(&path));
-    let mut names = vec![base_name.clone()];
-    names.extend(adapters.iter().map(|(n, _)| n.clone()));
+    let models = Models {
+        decoder: &decoder,
+        tokenizer: &tokenizer,
+        template: template.as_ref(),
+        base_name: a.base_name.clone().unwrap_or_else(|| adapter_name(&path)),
+        adapters,
+    };
+    let names = models.names()?;
     let listener = TcpListener::bind((a.host.as_str(), a.port))
         .map_err(|e| Error::io(format!("<{}:{}>", a.host, a.port), e))?;
     let addr = listener
@@ -140,13 +138,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
             completion_max_tokens: 16.min(a.max_tokens),
             max_tokens: a.max_tokens,
         },
-    };
-    let models = Models {
-        decoder: &decoder,
-        tokenizer: &tokenizer,
-        template: template.as_ref(),
-        base_name,
-        adapters,
+        ..ServeOptions::default()
     };
     serve(models, listener, &opts, &interrupted, &|line| {
         eprintln!("{line}")

@@ -204,7 +204,8 @@ impl<'d, 'm> Batch<'d, 'm> {
     /// done, and run one shared pass for the rest to choose their next
     /// tokens. Events come in the order of the requests in the batch.
     pub fn step(&mut self, on_event: &mut dyn FnMut(BatchEvent)) -> Result<()> {
-        // The same checks, in the same order, as `generate`'s loop.
+        // The checks of `generate`'s loop, except that a request that has
+        // its last token finishes at once instead of after one more pass.
         let mut going = Vec::with_capacity(self.active.len());
         for mut a in std::mem::take(&mut self.active) {
             if a.tokens.len() >= a.opts.max_tokens {
@@ -224,6 +225,10 @@ impl<'d, 'm> Batch<'d, 'm> {
                 token: id,
                 text: piece,
             });
+            if a.tokens.len() >= a.opts.max_tokens {
+                on_event(self.finish(a, StopReason::MaxTokens));
+                continue;
+            }
             if a.cache.len() >= a.cache.capacity() {
                 on_event(self.finish(a, StopReason::ContextFull));
                 continue;

@@ -71,6 +71,8 @@ pub struct Engine<'d, 'm> {
     pub models: &'d HashMap<String, Vec<Arc<LoraWeights>>>,
     /// Batch size and kernels.
     pub batch: BatchOptions,
+    /// Most requests waiting for a place in the batch; more are refused (503).
+    pub max_waiting: usize,
     /// Log finished requests (a line each) here.
     pub log: &'d (dyn Fn(&str) + Sync),
 }
@@ -93,13 +95,27 @@ impl Engine<'_, '_> {
                 }
             }
             while let Ok(s) = jobs.try_recv() {
+                if waiting.len() >= self.max_waiting {
+                    let _ = s.reply.send(Reply::Failed {
+                        status: 503,
+                        message: format!(
+                            "the server is busy: {} requests are waiting; try again later",
+                            waiting.len()
+                        ),
+                    });
+                    continue;
+                }
                 waiting.push_back(s);
             }
-            while !batch.is_full() {
+            // A prompt pass stalls every stream in the batch: while some are
+            // decoding, take one new request per step.
+            let mut admit = if batch.is_empty() { usize::MAX } else { 1 };
+            while !batch.is_full() && admit > 0 {
                 let Some(s) = waiting.pop_front() else { break };
                 if s.reply.is_closed() {
                     continue;
                 }
+                admit -= 1;
                 match self.admit(&mut batch, &s.job) {
                     Ok((id, prompt_tokens)) => {
                         let _ = s.reply.send(Reply::Started { prompt_tokens });
@@ -213,7 +229,7 @@ impl Engine<'_, '_> {
         });
         (self.log)(&format!(
             "{} {}+{} tokens {:.2} s {finish}",
-            if l.model.is_empty() { "base" } else { &l.model },
+            l.model,
             l.usage.prompt_tokens,
             l.usage.completion_tokens,
             l.started.elapsed().as_secs_f64()

@@ -37,6 +37,7 @@ pub fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .with_state(shared)
 }
 
@@ -67,6 +68,16 @@ async fn not_found() -> Response {
     error(ApiError {
         status: 404,
         message: "no such endpoint: this server has /v1/completions, /v1/chat/completions, /v1/models and /health".into(),
+        param: None,
+        code: None,
+    })
+}
+
+async fn method_not_allowed() -> Response {
+    error(ApiError {
+        status: 405,
+        message: "method not allowed: completions take POST, /v1/models and /health take GET"
+            .into(),
         param: None,
         code: None,
     })
@@ -127,7 +138,7 @@ async fn run(st: Arc<Shared>, mut job: Job, kind: Kind) -> Response {
             return error(ApiError {
                 status,
                 message,
-                param: (status == 400).then(|| "prompt".into()),
+                param: None,
                 code: None,
             });
         }

@@ -31,12 +31,16 @@ pub struct ServeOptions {
     pub batch: BatchOptions,
     /// Request limits.
     pub limits: Limits,
+    /// Most requests waiting for a place in the batch; more are refused
+    /// with 503 until some finish.
+    pub max_waiting: usize,
 }
 
 impl Default for ServeOptions {
     fn default() -> Self {
         ServeOptions {
             batch: BatchOptions::default(),
+            max_waiting: 256,
             limits: Limits {
                 completion_max_tokens: 16,
                 max_tokens: 512,
@@ -60,8 +64,30 @@ pub struct Models<'d, 'm> {
     pub adapters: Vec<(String, Arc<LoraWeights>)>,
 }
 
+impl Models<'_, '_> {
+    /// The names requests select, the base's first; an error when two are
+    /// the same.
+    pub fn names(&self) -> Result<Vec<String>> {
+        let mut names = vec![self.base_name.clone()];
+        for (name, _) in &self.adapters {
+            if names.contains(name) {
+                return Err(Error::Invalid(format!(
+                    "two models are named '{name}': names must be unique (see --base-name)"
+                )));
+            }
+            names.push(name.clone());
+        }
+        Ok(names)
+    }
+}
+
+/// Seconds open connections get to finish once the server stops.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Serve `models` on `listener` until `stop()` returns true; `log` gets a
-/// line per finished request. Returns when the server has shut down.
+/// line per finished request. Returns when the server has shut down (or
+/// [`SHUTDOWN_GRACE`] after, leaving slow connections to close by
+/// themselves).
 pub fn serve(
     models: Models<'_, '_>,
     listener: TcpListener,
@@ -69,17 +95,13 @@ pub fn serve(
     stop: &(dyn Fn() -> bool + Sync),
     log: &(dyn Fn(&str) + Sync),
 ) -> Result<()> {
-    let mut by_name: HashMap<String, Vec<Arc<LoraWeights>>> = HashMap::new();
-    let mut names = vec![models.base_name.clone()];
-    by_name.insert(models.base_name.clone(), Vec::new());
-    for (name, a) in models.adapters {
-        if by_name.insert(name.clone(), vec![a]).is_some() {
-            return Err(Error::Invalid(format!(
-                "two models are named '{name}': names must be unique"
-            )));
-        }
-        names.push(name);
-    }
+    let names = models.names()?;
+    let mut by_name: HashMap<String, Vec<Arc<LoraWeights>>> = models
+        .adapters
+        .into_iter()
+        .map(|(name, a)| (name, vec![a]))
+        .collect();
+    by_name.insert(models.base_name, Vec::new());
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("<listener>", e))?;
@@ -119,14 +141,22 @@ pub fn serve(
         template: models.template,
         models: &by_name,
         batch: opts.batch,
+        max_waiting: opts.max_waiting,
         log,
     };
     let ran = engine.run(&jobs_rx, &|| stop() || server.is_finished());
     drop(jobs_rx);
     let _ = shutdown_tx.send(());
-    let served = server
-        .join()
-        .map_err(|_| Error::Invalid("the HTTP thread panicked".into()))?;
+    let t = std::time::Instant::now();
+    while !server.is_finished() && t.elapsed() < SHUTDOWN_GRACE {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
     ran?;
-    served.map_err(|e| Error::io(format!("<http server on {addr}>"), e))
+    if !server.is_finished() {
+        return Ok(());
+    }
+    server
+        .join()
+        .map_err(|_| Error::Invalid("the HTTP thread panicked".into()))?
+        .map_err(|e| Error::io(format!("<http server on {addr}>"), e))
 }

@@ -59,7 +59,7 @@ impl ApiError {
     /// The JSON body OpenAI clients expect.
     pub fn body(&self) -> Value {
         let kind = match self.status {
-            400 | 404 | 422 => "invalid_request_error",
+            400 | 404 | 405 | 422 => "invalid_request_error",
             503 => "server_busy",
             _ => "server_error",
         };
@@ -232,15 +232,9 @@ fn common(
             "max_tokens must be at least 1",
         ));
     }
-    if max_tokens > limits.max_tokens {
-        return Err(ApiError::field(
-            "max_tokens",
-            format!(
-                "max_tokens is {max_tokens}; this server allows at most {}",
-                limits.max_tokens
-            ),
-        ));
-    }
+    // Clients often ask for more than a small local model needs: clamp to
+    // the server's limit, as llama.cpp's server does, rather than refuse.
+    let max_tokens = max_tokens.min(limits.max_tokens);
     let temperature = number("temperature")?.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&temperature) {
         return Err(ApiError::field(
@@ -506,9 +500,9 @@ mod tests {
             (br#"{"prompt":["a","b"]}"#, "prompt"),
             (br#"{"prompt":"a","n":2}"#, "n"),
             (br#"{"prompt":"a","max_tokens":-1}"#, "max_tokens"),
-            (br#"{"prompt":"a","max_tokens":100000}"#, "max_tokens"),
+            (br#"{"prompt":"a","max_tokens":1.5}"#, "max_tokens"),
             (br#"{"prompt":"a","temperature":"hot"}"#, "temperature"),
-            (br#"{"prompt":"a","top_p":0}"#, "top_p"),
+            (br#"{"prompt":"a","top_p":1.5}"#, "top_p"),
             (br#"{"prompt":"a","stop":[1]}"#, "stop"),
         ];
         for (body, field) in cases {

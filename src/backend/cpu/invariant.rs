@@ -47,9 +47,11 @@ pub fn matmul(x: &[f32], w: &QMatrix, out: &mut [f32]) {
         "matmul: out is not (n_tok, rows)"
     );
     let out_ptr = SharedOut(out.as_mut_ptr());
-    (0..w.rows.div_ceil(BAND)).into_par_iter().for_each_init(
-        || vec![0.0f32; BAND * w.cols],
-        |scratch, band| {
+    (0..w.rows.div_ceil(BAND)).into_par_iter().for_each(|band| {
+        // One scratch per thread, kept across calls: a fresh band-sized
+        // buffer per task would be an mmap and page faults each time.
+        SCRATCH.with_borrow_mut(|scratch| {
+            scratch.resize(BAND * w.cols, 0.0);
             let r0 = band * BAND;
             let nr = BAND.min(w.rows - r0);
             for i in 0..nr {
@@ -69,8 +71,12 @@ pub fn matmul(x: &[f32], w: &QMatrix, out: &mut [f32]) {
                     false,
                 )
             };
-        },
-    );
+        })
+    });
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// `out (n_tok, rows) (+)= x (n_tok, cols) · Wᵀ` for an f32 `w (rows, cols)`,
@@ -232,7 +238,8 @@ mod tests {
 
     #[test]
     fn each_row_has_the_same_bits_in_any_batch() {
-        // 70 rows (two full bands and a part), 100 columns (a tail past 8s).
+        // 70 rows (two full bands and a part); f32 rows of 100 columns have
+        // a tail past the last multiple of 8, quantized rows are whole blocks.
         let (rows, cols) = (70usize, 104usize);
         for ty in [GgmlType::F32, GgmlType::Q8_0, GgmlType::Q4_1] {
             let cols = if ty == GgmlType::F32 {
