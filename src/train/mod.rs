@@ -13,6 +13,7 @@ pub mod budget;
 pub mod checkpoint;
 pub mod config;
 mod device;
+pub mod mezo;
 pub mod optim;
 pub mod plot;
 mod run;
