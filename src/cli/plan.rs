@@ -7,7 +7,7 @@ use edgetune::graph::Target;
 use edgetune::model::Model;
 use edgetune::peft::lora::{LayerSelection, Lora, LoraConfig};
 use edgetune::train::budget::{PlannedStep, StepShape, fit, fmt_bytes, parse_bytes};
-use edgetune::train::{MemoryReport, Recompute};
+use edgetune::train::{MemoryReport, Optimizer, Recompute};
 use std::path::PathBuf;
 
 /// The adapter being trained: method and LoRA hyper-parameters.
@@ -109,6 +109,39 @@ impl LoraArgs {
     }
 }
 
+/// The optimizer options of `train` and `plan`.
+#[derive(Args, Clone, Debug)]
+pub struct OptimizerArgs {
+    /// `adamw`: gradients from a backward pass. `mezo`: zeroth-order, two
+    /// forward passes per step and no backward pass, so a step needs
+    /// inference's memory; it learns more slowly (use a larger --lr, such
+    /// as 1e-3, and more steps).
+    #[arg(long, value_enum, default_value = "adamw")]
+    pub optimizer: OptimizerArg,
+    /// MeZO's perturbation size ε.
+    #[arg(long, value_name = "EPS", default_value_t = 1e-3)]
+    pub mezo_eps: f32,
+}
+
+/// The optimizers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OptimizerArg {
+    /// AdamW with decoupled weight decay.
+    Adamw,
+    /// MeZO (zeroth-order SPSA from two forward passes).
+    Mezo,
+}
+
+impl OptimizerArgs {
+    /// The library's optimizer.
+    pub fn optimizer(&self) -> Optimizer {
+        match self.optimizer {
+            OptimizerArg::Adamw => Optimizer::AdamW,
+            OptimizerArg::Mezo => Optimizer::Mezo { eps: self.mezo_eps },
+        }
+    }
+}
+
 /// How layers are recomputed in the backward pass to save memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum RecomputeArg {
@@ -178,6 +211,8 @@ pub struct PlanArgs {
     lora: LoraArgs,
     #[command(flatten)]
     step: StepArgs,
+    #[command(flatten)]
+    optim: OptimizerArgs,
     /// Print the plan as one JSON object (sizes in bytes).
     #[arg(long)]
     json: bool,
@@ -188,6 +223,7 @@ pub fn run(a: PlanArgs) -> Result<(), Error> {
     let spec = model.spec();
     let lora = Lora::new(a.lora.config()?, spec.layers.len())?;
     let shape = StepShape {
+        zeroth_order: a.optim.optimizer == OptimizerArg::Mezo,
         spec,
         method: &lora,
         seq: a.step.seq,
@@ -237,14 +273,21 @@ pub fn run(a: PlanArgs) -> Result<(), Error> {
 /// the step's shape.
 pub fn memory_table(r: &MemoryReport, budget: Option<u64>) -> String {
     let mut out = String::new();
+    let (adapter, activations) = if r.forward_only {
+        (
+            "parameters and MeZO's perturbed copy",
+            "activations (forward passes only)",
+        )
+    } else {
+        (
+            "parameters, AdamW moments, gradient buffers",
+            "activations and gradients",
+        )
+    };
     let rows = [
         ("weights", r.weights, "the mapped base model"),
-        (
-            "adapter",
-            r.adapter,
-            "parameters, AdamW moments, gradient buffers",
-        ),
-        ("activations", r.activations, "activations and gradients"),
+        ("adapter", r.adapter, adapter),
+        ("activations", r.activations, activations),
         (
             "workspace",
             r.workspace,

@@ -1,6 +1,6 @@
 //! `edgetune train`.
 
-use super::plan::{LoraArgs, StepArgs, count, memory_table};
+use super::plan::{LoraArgs, OptimizerArgs, StepArgs, count, memory_table};
 use super::{Device, emit, keep_going, model_path, print_json, report};
 use clap::Args;
 use edgetune::Error;
@@ -66,6 +66,8 @@ pub struct TrainArgs {
     steps: Option<u64>,
     #[command(flatten)]
     step: StepArgs,
+    #[command(flatten)]
+    optim: OptimizerArgs,
     /// Clip the gradients' global norm to this (0: no clipping).
     #[arg(long, value_name = "NORM", default_value_t = 1.0)]
     max_grad_norm: f32,
@@ -111,6 +113,7 @@ impl TrainArgs {
             schedule: self.schedule,
             warmup: self.warmup,
             min_lr_ratio: self.min_lr_ratio,
+            optimizer: self.optim.optimizer(),
             adamw: AdamWConfig {
                 weight_decay: self.weight_decay,
                 ..AdamWConfig::default()

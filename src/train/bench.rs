@@ -138,6 +138,7 @@ pub fn bench_train(
         )));
     }
     let shape = StepShape {
+        zeroth_order: false,
         spec,
         method: &lora,
         seq: o.seq,

@@ -41,6 +41,8 @@ pub struct MemoryReport {
     pub recomputed_layers: usize,
     /// Layers in the model.
     pub layers: usize,
+    /// Forward passes only (MeZO): no gradients or moments.
+    pub forward_only: bool,
 }
 
 impl MemoryReport {
@@ -114,6 +116,10 @@ pub struct StepShape<'a> {
     /// fits (small passes cost GPU dispatches and, when accumulating, a
     /// host round trip per pass) instead of the CPU's time estimate.
     pub gpu: bool,
+    /// Steps are forward passes only (MeZO): no backward pass, no
+    /// gradients, no recomputation; the perturbed point is a copy of the
+    /// parameters instead of AdamW's two moments.
+    pub zeroth_order: bool,
 }
 
 /// Plan one step of `micro_batch` sequences with the first `recompute`
@@ -125,14 +131,21 @@ pub fn plan_step(
     recompute: usize,
 ) -> Result<PlannedStep> {
     let mut g = DecoderGraph::build(s.spec, micro_batch, s.seq, s.method);
-    autodiff::differentiate(&mut g)?;
+    let recompute = if s.zeroth_order { 0 } else { recompute };
+    if !s.zeroth_order {
+        autodiff::differentiate(&mut g)?;
+    }
     let layers: BTreeSet<usize> = (0..recompute.min(s.spec.layers.len())).collect();
     let graph = plan::recompute_layers(&g, &layers);
     let plan = MemoryPlan::new(&graph);
     let n_params: u64 = graph.params.iter().map(|p| p.shape.numel() as u64).sum();
-    // Values, two AdamW moments, the gradient sum when accumulating, the
-    // best-eval copy.
-    let copies = 3 + u64::from(grad_accum > 1) + u64::from(s.keep_best);
+    // Values, two AdamW moments (MeZO: the perturbed point), the gradient
+    // sum when accumulating, the best-eval copy.
+    let copies = if s.zeroth_order {
+        2 + u64::from(s.keep_best)
+    } else {
+        3 + u64::from(grad_accum > 1) + u64::from(s.keep_best)
+    };
     let threads = s.threads.max(1) as u64;
     let widest_cols = s
         .spec
@@ -153,6 +166,7 @@ pub fn plan_step(
         grad_accum,
         recomputed_layers: layers.len(),
         layers: s.spec.layers.len(),
+        forward_only: s.zeroth_order,
     };
     Ok(PlannedStep {
         graph,
@@ -209,6 +223,7 @@ pub fn fit(
     let n_layers = s.spec.layers.len();
     let effective = batch * grad_accum;
     let candidates: Vec<usize> = match (recompute, budget) {
+        _ if s.zeroth_order => vec![0],
         (Recompute::All, _) => vec![n_layers],
         (Recompute::Off, _) | (Recompute::Auto, None) => vec![0],
         (Recompute::Auto, Some(_)) => (0..=n_layers).collect(),
@@ -326,6 +341,7 @@ mod tests {
         let spec = model.spec();
         let lora = Lora::new(LoraConfig::default(), spec.layers.len()).unwrap();
         let shape = |gpu| StepShape {
+            zeroth_order: false,
             spec,
             method: &lora,
             seq: 64,

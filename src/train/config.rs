@@ -16,6 +16,19 @@ pub enum Duration {
     Epochs(f32),
 }
 
+/// How parameters are updated.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum Optimizer {
+    /// AdamW on the gradients of a backward pass.
+    AdamW,
+    /// MeZO ([`super::mezo`]): two forward passes per step and no backward
+    /// pass, so a step needs inference's memory; perturbation size `eps`.
+    Mezo {
+        /// Perturbation size ε.
+        eps: f32,
+    },
+}
+
 /// A training run's configuration. Saved in every checkpoint, so a resumed
 /// run continues with exactly the same settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -30,7 +43,9 @@ pub struct TrainConfig {
     pub warmup: Option<u64>,
     /// Floor of the decay as a fraction of the peak.
     pub min_lr_ratio: f32,
-    /// AdamW moments and weight decay.
+    /// How parameters are updated.
+    pub optimizer: Optimizer,
+    /// AdamW moments and weight decay (MeZO uses the weight decay).
     pub adamw: AdamWConfig,
     /// Length of the run.
     pub duration: Duration,
@@ -68,6 +83,7 @@ impl Default for TrainConfig {
             schedule: ScheduleKind::Cosine,
             warmup: None,
             min_lr_ratio: 0.0,
+            optimizer: Optimizer::AdamW,
             adamw: AdamWConfig::default(),
             duration: Duration::Epochs(1.0),
             batch: 4,
@@ -117,6 +133,17 @@ impl TrainConfig {
                 "--min-lr-ratio must be in [0, 1], got {}",
                 self.min_lr_ratio
             ));
+        }
+        if let Optimizer::Mezo { eps } = self.optimizer {
+            if !(eps.is_finite() && eps > 0.0) {
+                return bad(format!("--mezo-eps must be a positive number, got {eps}"));
+            }
+            if self.lora.lr_ratio_b != 1.0 {
+                return bad(
+                    "--lora-plus-ratio applies to AdamW's per-matrix rates, not to --optimizer mezo"
+                        .into(),
+                );
+            }
         }
         if !self.max_grad_norm.is_finite() || self.max_grad_norm < 0.0 {
             return bad(format!(

@@ -20,7 +20,7 @@ mod run;
 pub mod schedule;
 
 pub use budget::{MemoryReport, Recompute};
-pub use config::{Duration, TrainConfig};
+pub use config::{Duration, Optimizer, TrainConfig};
 pub use device::TrainDevice;
 pub use run::{
     ADAPTER_FILE, CHECKPOINT_FILE, CURVE_FILE, SUMMARY_FILE, TrainEvent, TrainRequest,

@@ -2,7 +2,8 @@
 
 use super::adapter::{AdapterMeta, to_lora_file};
 use super::budget::{MemoryReport, PlannedStep, StepShape, fit, plan_step};
-use super::config::{Duration, TrainConfig};
+use super::config::{Duration, Optimizer, TrainConfig};
+use super::mezo::{MezoConfig, mezo_step};
 use super::optim::{AdamWState, all_finite, clip_scale, global_norm};
 use super::schedule::LrSchedule;
 use super::{checkpoint, plot};
@@ -283,6 +284,13 @@ pub fn train(
     cfg.validate()?;
     let spec = req.model.spec();
     let lora = Lora::new(cfg.lora.clone(), spec.layers.len())?;
+    let mezo = match cfg.optimizer {
+        Optimizer::AdamW => None,
+        Optimizer::Mezo { eps } => Some(MezoConfig {
+            eps,
+            weight_decay: cfg.adamw.weight_decay,
+        }),
+    };
     let (train_ds, eval_ds) = load_data(req, &cfg)?;
     let fingerprint = Fingerprint {
         arch: spec.arch.clone(),
@@ -310,6 +318,7 @@ pub fn train(
         data_bytes: ((train_ds.tokens() + eval_ds.tokens()) * 5) as u64,
         keep_best: cfg.early_stop > 0,
         gpu: matches!(req.device, super::TrainDevice::Gpu(_)),
+        zeroth_order: mezo.is_some(),
     };
     let PlannedStep {
         graph,
@@ -367,7 +376,8 @@ pub fn train(
             step: 0,
             param_names: names.clone(),
             params: lora.init(&graph, cfg.seed),
-            adam: AdamWState::new(&sizes),
+            // MeZO keeps no moments.
+            adam: AdamWState::new(if mezo.is_some() { &[] } else { &sizes }),
             packer: packer.state(),
             train_history: Vec::new(),
             eval_history: Vec::new(),
@@ -393,7 +403,7 @@ pub fn train(
     // On a device with a fused optimizer (the GPU), parameters and AdamW
     // moments stay on the device and a whole step is one submission;
     // gradient accumulation keeps the host path.
-    let fused = accum == 1 && step.fused_optimizer().is_some();
+    let fused = accum == 1 && mezo.is_none() && step.fused_optimizer().is_some();
     if let (true, Some(g)) = (fused, step.fused_optimizer()) {
         g.load_params(&st.params)?;
         if st.adam.step > 0 {
@@ -433,7 +443,11 @@ pub fn train(
         st.packer = packer.state();
         checkpoint::save(&ckpt_path, st)
     };
-    let mut grads: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+    let mut grads: Vec<Vec<f32>> = match mezo {
+        Some(_) => Vec::new(),
+        None => sizes.iter().map(|&n| vec![0.0; n]).collect(),
+    };
+    let mut perturbed: Vec<Vec<f32>> = Vec::new();
     let mut step_seconds = 0.0f64;
     let mut session_steps = 0u64;
     let mut early_stop = false;
@@ -448,6 +462,28 @@ pub fn train(
         let mut applied = false;
         if targets == 0 {
             skipped = Some("no target tokens in this step's batches".to_string());
+        } else if let Some(m) = &mezo {
+            // Both passes see the same batches and dropout masks; the
+            // direction's seed is the step's.
+            let mut loss = |p: &[Vec<f32>]| -> Result<f64> {
+                let mut sum = 0.0;
+                for (mi, b) in batches.iter().enumerate() {
+                    sum += step.run(&inputs(b, 0.0, micro_seed(cfg.seed, s, mi)), p)?.0;
+                }
+                Ok(sum / targets as f64)
+            };
+            let z_seed = micro_seed(cfg.seed ^ 0x4d65_5a4f, s, 0);
+            let r = mezo_step(&mut st.params, &mut perturbed, m, lr, z_seed, &mut loss)?;
+            loss_sum = 0.5 * (r.loss_plus + r.loss_minus) * targets as f64;
+            norm = r.projected_grad.abs();
+            if r.applied {
+                applied = true;
+            } else {
+                skipped = Some(format!(
+                    "non-finite loss ({} at +ε, {} at −ε)",
+                    r.loss_plus, r.loss_minus
+                ));
+            }
         } else if let (true, Some(g)) = (fused, step.fused_optimizer()) {
             let opt = GpuOptim {
                 cfg: cfg.adamw,
