@@ -56,31 +56,21 @@ fn error(e: ApiError) -> Response {
 }
 
 fn unavailable(message: &str) -> Response {
-    error(ApiError {
-        status: 503,
-        message: message.into(),
-        param: None,
-        code: None,
-    })
+    error(ApiError::status(503, message))
 }
 
 async fn not_found() -> Response {
-    error(ApiError {
-        status: 404,
-        message: "no such endpoint: this server has /v1/completions, /v1/chat/completions, /v1/models and /health".into(),
-        param: None,
-        code: None,
-    })
+    error(ApiError::status(
+        404,
+        "no such endpoint: this server has /v1/completions, /v1/chat/completions, /v1/models and /health",
+    ))
 }
 
 async fn method_not_allowed() -> Response {
-    error(ApiError {
-        status: 405,
-        message: "method not allowed: completions take POST, /v1/models and /health take GET"
-            .into(),
-        param: None,
-        code: None,
-    })
+    error(ApiError::status(
+        405,
+        "method not allowed: completions take POST, /v1/models and /health take GET",
+    ))
 }
 
 async fn health() -> Response {
@@ -135,12 +125,7 @@ async fn run(st: Arc<Shared>, mut job: Job, kind: Kind) -> Response {
     match rx.recv().await {
         Some(Reply::Started { .. }) => {}
         Some(Reply::Failed { status, message }) => {
-            return error(ApiError {
-                status,
-                message,
-                param: None,
-                code: None,
-            });
+            return error(ApiError::status(status, message));
         }
         _ => return unavailable("the server is shutting down"),
     }
@@ -156,12 +141,7 @@ async fn run(st: Arc<Shared>, mut job: Job, kind: Kind) -> Response {
             }
             Some(Reply::Started { .. }) => {}
             Some(Reply::Failed { status, message }) => {
-                return error(ApiError {
-                    status,
-                    message,
-                    param: None,
-                    code: None,
-                });
+                return error(ApiError::status(status, message));
             }
             None => return unavailable("the server is shutting down"),
         }
@@ -211,12 +191,7 @@ fn events(head: Head, rx: UnboundedReceiver<Reply>, usage: bool) -> Response {
             Some(Reply::Started { .. }) => String::new(),
             Some(Reply::Failed { status, message }) => {
                 s.done = true;
-                let e = ApiError {
-                    status,
-                    message,
-                    param: None,
-                    code: None,
-                };
+                let e = ApiError::status(status, message);
                 data(&e.body())
             }
             None => return None,

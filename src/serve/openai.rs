@@ -56,6 +56,16 @@ impl ApiError {
         }
     }
 
+    /// An error about no field in particular.
+    pub fn status(status: u16, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            param: None,
+            code: None,
+        }
+    }
+
     /// The JSON body OpenAI clients expect.
     pub fn body(&self) -> Value {
         let kind = match self.status {

@@ -12,7 +12,7 @@
 //! it a multiply and an add, so bits are stable on one machine (which is
 //! what batching needs), not across instruction sets.
 
-use super::matmul::QMatrix;
+use super::matmul::{QMatrix, SharedOut, tokens_of};
 use rayon::prelude::*;
 
 /// Rows of the weight decoded at once per thread.
@@ -24,28 +24,9 @@ const TR: usize = 2;
 /// Lanes of each sum.
 const L: usize = 8;
 
-/// Raw pointer that may be shared by threads writing disjoint elements.
-#[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
-// SAFETY: used only to write disjoint elements from different threads.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    fn ptr(&self) -> *mut f32 {
-        self.0
-    }
-}
-
 /// `out (n_tok, w.rows) = x (n_tok, w.cols) · Wᵀ`, batch-invariant.
 pub fn matmul(x: &[f32], w: &QMatrix, out: &mut [f32]) {
-    let n_tok = x.len() / w.cols;
-    assert_eq!(x.len(), n_tok * w.cols, "matmul: x is not (n_tok, cols)");
-    assert_eq!(
-        out.len(),
-        n_tok * w.rows,
-        "matmul: out is not (n_tok, rows)"
-    );
+    let n_tok = tokens_of(x, w, out);
     let out_ptr = SharedOut(out.as_mut_ptr());
     (0..w.rows.div_ceil(BAND)).into_par_iter().for_each(|band| {
         // One scratch per thread, kept across calls: a fresh band-sized

@@ -86,7 +86,7 @@ pub enum MatvecMode {
 
 /// Raw pointer that may be shared by threads writing disjoint elements.
 #[derive(Clone, Copy)]
-struct SharedOut(*mut f32);
+pub(super) struct SharedOut(pub(super) *mut f32);
 // SAFETY: used only to write disjoint column bands of one output, through
 // raw pointers (never as overlapping `&mut` slices).
 unsafe impl Send for SharedOut {}
@@ -94,9 +94,22 @@ unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
     // A method (not a field access) so closures capture the whole wrapper.
-    fn ptr(&self) -> *mut f32 {
+    pub(super) fn ptr(&self) -> *mut f32 {
         self.0
     }
+}
+
+/// Tokens of `x` for a product with `w` into `out`, panicking when the
+/// slices are not `(n_tok, cols)` and `(n_tok, rows)` (a caller's bug).
+pub(super) fn tokens_of(x: &[f32], w: &QMatrix, out: &[f32]) -> usize {
+    let n_tok = x.len() / w.cols;
+    assert_eq!(x.len(), n_tok * w.cols, "matmul: x is not (n_tok, cols)");
+    assert_eq!(
+        out.len(),
+        n_tok * w.rows,
+        "matmul: out is not (n_tok, rows)"
+    );
+    n_tok
 }
 
 /// `out[t·rows + r] = Σ_k x[t·cols + k] · W[r, k]`, exactly.
@@ -106,13 +119,7 @@ pub fn matmul(x: &[f32], w: &QMatrix, out: &mut [f32]) {
 
 /// [`matmul`], with the single-token path computed as `mode` says.
 pub fn matmul_with(x: &[f32], w: &QMatrix, out: &mut [f32], mode: MatvecMode) {
-    let n_tok = x.len() / w.cols;
-    assert_eq!(x.len(), n_tok * w.cols, "matmul: x is not (n_tok, cols)");
-    assert_eq!(
-        out.len(),
-        n_tok * w.rows,
-        "matmul: out is not (n_tok, rows)"
-    );
+    let n_tok = tokens_of(x, w, out);
     if n_tok < GEMM_MIN_TOKENS {
         return matmul_rows(x, w, out, mode);
     }
@@ -151,13 +158,7 @@ pub fn matmul_with(x: &[f32], w: &QMatrix, out: &mut [f32], mode: MatvecMode) {
 /// all tokens: a batch of single-token passes shares the weight traffic
 /// and gets the bits of each pass run by itself.
 pub fn matmul_rows(x: &[f32], w: &QMatrix, out: &mut [f32], mode: MatvecMode) {
-    let n_tok = x.len() / w.cols;
-    assert_eq!(x.len(), n_tok * w.cols, "matmul: x is not (n_tok, cols)");
-    assert_eq!(
-        out.len(),
-        n_tok * w.rows,
-        "matmul: out is not (n_tok, rows)"
-    );
+    let n_tok = tokens_of(x, w, out);
     if n_tok == 1 {
         return match mode {
             MatvecMode::Exact => matvec(x, w, out),
