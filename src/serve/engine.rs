@@ -166,6 +166,10 @@ impl Engine<'_, '_> {
                     tail,
                     generation,
                 } => {
+                    if gone.contains(&id) {
+                        // Already finished by a stop sequence in this step.
+                        return;
+                    }
                     let Some(mut l) = live.remove(&id) else {
                         return;
                     };

@@ -253,12 +253,18 @@ fn common(
         ));
     }
     let top_p = number("top_p")?.unwrap_or(1.0);
-    if !(top_p > 0.0 && top_p <= 1.0) {
+    if !(0.0..=1.0).contains(&top_p) {
         return Err(ApiError::field(
             "top_p",
-            format!("top_p must be in (0, 1], got {top_p}"),
+            format!("top_p must be in [0, 1], got {top_p}"),
         ));
     }
+    // top_p 0 keeps only the most likely token: greedy.
+    let (temperature, top_p) = if top_p as f32 > 0.0 {
+        (temperature, top_p)
+    } else {
+        (0.0, 1.0)
+    };
     let top_k = count("top_k")?.unwrap_or(0);
     let seed = match v.get("seed") {
         None | Some(Value::Null) => fresh_seed(),
@@ -484,6 +490,10 @@ mod tests {
             j.opts.sampling.temperature, 1.0,
             "OpenAI's default temperature"
         );
+        let j =
+            parse_completion(br#"{"prompt":"Hi","max_tokens":4096,"top_p":0}"#, &LIMITS).unwrap();
+        assert_eq!(j.opts.max_tokens, 512, "clamped to the server's limit");
+        assert_eq!(j.opts.sampling.temperature, 0.0, "top_p 0 is greedy");
     }
 
     #[test]
