@@ -28,16 +28,11 @@ const L: usize = 8;
 pub fn matmul(x: &[f32], w: &QMatrix, out: &mut [f32]) {
     let n_tok = tokens_of(x, w, out);
     let out_ptr = SharedOut(out.as_mut_ptr());
-    (0..w.rows.div_ceil(BAND)).into_par_iter().for_each(|band| {
-        // One scratch per thread, kept across calls: a fresh band-sized
-        // buffer per task would be an mmap and page faults each time.
-        SCRATCH.with_borrow_mut(|scratch| {
-            scratch.resize(BAND * w.cols, 0.0);
+    (0..w.rows.div_ceil(BAND)).into_par_iter().for_each_init(
+        || vec![0.0f32; BAND * w.cols],
+        |scratch, band| {
             let r0 = band * BAND;
-            let nr = BAND.min(w.rows - r0);
-            for i in 0..nr {
-                w.dequantize_row(r0 + i, &mut scratch[i * w.cols..(i + 1) * w.cols]);
-            }
+            let nr = w.dequantize_band(r0, scratch);
             // SAFETY: this task writes only columns r0..r0+nr of each row of
             // out (n_tok × rows); bands are disjoint and out outlives the loop.
             unsafe {
@@ -52,12 +47,8 @@ pub fn matmul(x: &[f32], w: &QMatrix, out: &mut [f32]) {
                     false,
                 )
             };
-        })
-    });
-}
-
-thread_local! {
-    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        },
+    );
 }
 
 /// `out (n_tok, rows) (+)= x (n_tok, cols) · Wᵀ` for an f32 `w (rows, cols)`,

@@ -70,6 +70,16 @@ impl<'a> QMatrix<'a> {
     pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
         quant::dequantize_row(self.ty, self.row(r), out).expect("QMatrix shape checked in new");
     }
+
+    /// Decode rows `r0..r0 + n` (`n` = as many as `out` holds whole rows
+    /// for, at most the rows left) into `out`, row-major; returns `n`.
+    pub fn dequantize_band(&self, r0: usize, out: &mut [f32]) -> usize {
+        let n = (out.len() / self.cols).min(self.rows - r0);
+        for (i, row) in out.chunks_exact_mut(self.cols).take(n).enumerate() {
+            self.dequantize_row(r0 + i, row);
+        }
+        n
+    }
 }
 
 /// How single-token products (generation) are computed.
@@ -129,10 +139,7 @@ pub fn matmul_with(x: &[f32], w: &QMatrix, out: &mut [f32], mode: MatvecMode) {
         || vec![0.0f32; BAND * w.cols],
         |scratch, band| {
             let r0 = band * BAND;
-            let nr = BAND.min(w.rows - r0);
-            for i in 0..nr {
-                w.dequantize_row(r0 + i, &mut scratch[i * w.cols..(i + 1) * w.cols]);
-            }
+            let nr = w.dequantize_band(r0, scratch);
             // SAFETY: this task writes only columns r0..r0+nr of each of the
             // n_tok output rows (in bounds: out is n_tok × rows); bands are
             // disjoint, and `out` outlives the parallel loop.
