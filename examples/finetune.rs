@@ -15,7 +15,7 @@ use edgetune::backend::cpu::CpuDecoder;
 use edgetune::export::gguf_lora;
 use edgetune::infer::{self, GenerateOptions};
 use edgetune::model::Model;
-use edgetune::peft::lora::LoraWeights;
+use edgetune::peft::AdapterWeights;
 use edgetune::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use edgetune::train::{Duration, TrainConfig, TrainEvent, TrainRequest, train};
 use std::ops::ControlFlow;
@@ -124,7 +124,7 @@ fn main() -> edgetune::Result<()> {
     let mut tuned = CpuDecoder::new(&model)?;
     let file = gguf_lora::read(&summary.adapter)?;
     file.check_base(model.file())?;
-    tuned.add_adapter(Arc::new(LoraWeights::new(&file, 1.0)));
+    tuned.add_adapter(Arc::new(AdapterWeights::new(&file, 1.0)));
     for q in QUESTIONS {
         println!("Q: {q}");
         println!("  base:  {}", answer(&base, &tok, &tpl, q)?);

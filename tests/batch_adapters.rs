@@ -11,14 +11,14 @@ use edgetune::infer::{
     Batch, BatchEvent, BatchOptions, GenerateOptions, SamplingParams, random_adapter,
 };
 use edgetune::model::Model;
-use edgetune::peft::lora::LoraWeights;
+use edgetune::peft::AdapterWeights;
 use edgetune::tokenizer::Tokenizer;
 use std::collections::HashMap;
 use std::sync::Arc;
 
 struct Request {
     prompt: Vec<u32>,
-    adapters: Vec<Arc<LoraWeights>>,
+    adapters: Vec<Arc<AdapterWeights>>,
     opts: GenerateOptions,
 }
 
@@ -26,8 +26,8 @@ fn requests(model: &Model, decoder: &CpuDecoder, tok: &Tokenizer) -> Vec<Request
     let peft = load_adapter(&root().join("tests/fixtures/peft/smollm2-lora"), model).unwrap();
     // The fixture adapter (layers 0 and 29 only) at full and double strength,
     // and a random adapter on every target of every layer.
-    let fixture = Arc::new(LoraWeights::new(&peft, 1.0));
-    let strong = Arc::new(LoraWeights::new(&peft, 2.0));
+    let fixture = Arc::new(AdapterWeights::new(&peft, 1.0));
+    let strong = Arc::new(AdapterWeights::new(&peft, 2.0));
     let random = Arc::new(random_adapter(decoder, 8, 10.0, 11));
     // Not stopping at end tokens, so that every request decodes its whole length.
     let greedy = |max_tokens| GenerateOptions {
@@ -188,7 +188,7 @@ fn batch_invariant_passes_give_the_same_bits_and_match_the_standard_path() {
                 })
                 .collect();
             let hidden = decoder.forward_batch(&mut seqs, invariant).unwrap();
-            let adapters: Vec<&[Arc<LoraWeights>]> =
+            let adapters: Vec<&[Arc<AdapterWeights>]> =
                 which.iter().map(|&i| reqs[i].adapters.as_slice()).collect();
             for c in caches.iter_mut() {
                 let n = c.len();

@@ -8,7 +8,7 @@ use edgetune::backend::cpu::{CpuDecoder, Logits};
 use edgetune::export::gguf_lora::{self, LoraFile};
 use edgetune::export::peft::{self, HfLayout};
 use edgetune::model::Model;
-use edgetune::peft::lora::LoraWeights;
+use edgetune::peft::AdapterWeights;
 use serde_json::Value;
 use std::sync::Arc;
 
@@ -22,7 +22,7 @@ fn fixture() -> Value {
 fn last_logits(model: &Model, adapter: Option<&LoraFile>, input: &[u32]) -> Vec<f32> {
     let mut dec = CpuDecoder::new(model).unwrap();
     if let Some(a) = adapter {
-        dec.add_adapter(Arc::new(LoraWeights::new(a, 1.0)));
+        dec.add_adapter(Arc::new(AdapterWeights::new(a, 1.0)));
     }
     let mut cache = dec.new_cache(input.len());
     dec.forward(input, &mut cache, Logits::Last).unwrap()

@@ -10,7 +10,7 @@ use edgetune::backend::cpu::CpuDecoder;
 use edgetune::export::gguf_lora;
 use edgetune::infer::{self, GenerateOptions};
 use edgetune::model::Model;
-use edgetune::peft::lora::LoraWeights;
+use edgetune::peft::AdapterWeights;
 use edgetune::tokenizer::{ChatMessage, ChatTemplate, Tokenizer};
 use edgetune::train::{Duration, TrainConfig, TrainRequest, train};
 use std::ops::ControlFlow;
@@ -168,7 +168,7 @@ fn fine_tuning_teaches_facts_only_the_data_holds() {
     let file = gguf_lora::read(&summary.adapter).unwrap();
     file.check_base(model.file()).unwrap();
     let mut tuned = CpuDecoder::new(&model).unwrap();
-    tuned.add_adapter(Arc::new(LoraWeights::new(&file, 1.0)));
+    tuned.add_adapter(Arc::new(AdapterWeights::new(&file, 1.0)));
     let mut results = Vec::new();
     for (set, facts) in [("trained", &TRAINED), ("held-out", &HELD_OUT)] {
         let (base_right, base_answers) = quiz(&base, &tok, &tpl, facts);

@@ -17,7 +17,7 @@ use edgetune::backend::Decoder;
 use edgetune::backend::cpu::{CpuDecoder, CpuOptions, MatvecMode};
 use edgetune::backend::gpu::{GpuContext, GpuDecoder, GpuOptions};
 use edgetune::model::Model;
-use edgetune::peft::lora::LoraWeights;
+use edgetune::peft::AdapterWeights;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -260,10 +260,10 @@ impl FromStr for AdapterSpec {
 
 impl AdapterSpec {
     /// Read the file and check it against `model`'s tensors; errors name the file.
-    pub fn load(&self, model: &Model) -> Result<LoraWeights, Error> {
+    pub fn load(&self, model: &Model) -> Result<AdapterWeights, Error> {
         let file = edgetune::export::load_adapter(&self.path, model)
             .map_err(|e| Error::Invalid(format!("--adapter: {e}")))?;
-        Ok(LoraWeights::new(&file, self.strength))
+        Ok(AdapterWeights::new(&file, self.strength))
     }
 }
 

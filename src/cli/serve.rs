@@ -7,7 +7,7 @@ use edgetune::backend::cpu::{CpuDecoder, CpuOptions, MatvecMode};
 use edgetune::export::{adapter_name, find_adapters, load_adapter};
 use edgetune::infer::BatchOptions;
 use edgetune::model::Model;
-use edgetune::peft::lora::LoraWeights;
+use edgetune::peft::AdapterWeights;
 use edgetune::serve::{Limits, Models, ServeOptions, serve};
 use edgetune::tokenizer::{ChatTemplate, Tokenizer};
 use std::net::TcpListener;
@@ -85,11 +85,11 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
                 None
             }
         };
-    let mut adapters: Vec<(String, Arc<LoraWeights>)> = Vec::new();
+    let mut adapters: Vec<(String, Arc<AdapterWeights>)> = Vec::new();
     if let Some(dir) = &a.adapters {
         for (p, _) in find_adapters(dir)? {
             match load_adapter(&p, &model) {
-                Ok(f) => adapters.push((adapter_name(&p), Arc::new(LoraWeights::new(&f, 1.0)))),
+                Ok(f) => adapters.push((adapter_name(&p), Arc::new(AdapterWeights::new(&f, 1.0)))),
                 // Folders of adapters often hold some for other models.
                 Err(e) => eprintln!("skipping {}: {e}", p.display()),
             }
@@ -99,7 +99,7 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
         let (name, spec) = parse_named(s)?;
         let f = load_adapter(&spec.path, &model)?;
         let name = name.unwrap_or_else(|| adapter_name(&spec.path));
-        adapters.push((name, Arc::new(LoraWeights::new(&f, spec.strength))));
+        adapters.push((name, Arc::new(AdapterWeights::new(&f, spec.strength))));
     }
     let decoder = CpuDecoder::with_options(
         &model,

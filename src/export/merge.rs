@@ -15,7 +15,7 @@ use crate::backend::cpu::CpuDecoder;
 use crate::backend::cpu::gemm::{Operand, matmul_into};
 use crate::gguf::{GgufWriter, Value, ValueType};
 use crate::model::Model;
-use crate::peft::lora::LoraWeights;
+use crate::peft::AdapterWeights;
 use crate::quant::{GgmlType, dequantize_row};
 use crate::{Error, Result};
 use std::collections::HashMap;
@@ -164,7 +164,7 @@ pub fn logit_error(
 ) -> Result<(f64, f64)> {
     let mut with = CpuDecoder::new(base)?;
     for (l, s) in adapters {
-        with.add_adapter(Arc::new(LoraWeights::new(l, *s)));
+        with.add_adapter(Arc::new(AdapterWeights::new(l, *s)));
     }
     let folded = CpuDecoder::new(merged)?;
     let (mut worst, mut sum, mut n) = (0.0f64, 0.0f64, 0usize);

@@ -108,6 +108,91 @@ pub fn differentiate(g: &mut Graph) -> Result<()> {
                     contrib.push((2, t));
                 }
             }
+            Op::MatmulNN => {
+                // y = a·p: da = dy·pᵀ, dp = aᵀ·dy.
+                if needs(0) {
+                    let (n, s) = (name(g, 0), shape_of(g, 0));
+                    let t = emit(g, Op::MatmulT, &[dy, node.inputs[1]], &[(&n, s)])[0];
+                    contrib.push((0, t));
+                }
+                if needs(1) {
+                    let (n, s) = (name(g, 1), shape_of(g, 1));
+                    let t = emit(g, Op::MatmulTN, &[node.inputs[0], dy], &[(&n, s)])[0];
+                    contrib.push((1, t));
+                }
+            }
+            Op::MulCols => {
+                if needs(0) {
+                    let (n, s) = (name(g, 0), shape_of(g, 0));
+                    let t = emit(g, Op::MulCols, &[dy, node.inputs[1]], &[(&n, s)])[0];
+                    contrib.push((0, t));
+                }
+                if needs(1) {
+                    let (n, s) = (name(g, 1), shape_of(g, 1));
+                    let t = emit(g, Op::ColDot, &[dy, node.inputs[0]], &[(&n, s)])[0];
+                    contrib.push((1, t));
+                }
+            }
+            Op::Mul => {
+                for (i, other) in [(0, 1), (1, 0)] {
+                    if needs(i) {
+                        let (n, s) = (name(g, i), shape_of(g, i));
+                        let t = emit(g, Op::Mul, &[dy, node.inputs[other]], &[(&n, s)])[0];
+                        contrib.push((i, t));
+                    }
+                }
+            }
+            Op::Kron => {
+                if needs(0) || needs(1) {
+                    let outs = [(name(g, 0), shape_of(g, 0)), (name(g, 1), shape_of(g, 1))];
+                    let outs: Vec<(&str, Shape)> =
+                        outs.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+                    let d = emit(
+                        g,
+                        Op::KronBack,
+                        &[node.inputs[0], node.inputs[1], dy],
+                        &outs,
+                    );
+                    for (i, &t) in d.iter().enumerate() {
+                        if needs(i) {
+                            contrib.push((i, t));
+                        }
+                    }
+                }
+            }
+            Op::DoraNorm { s } => {
+                // Inputs c, wa, b, gram: c is the frozen weight's (no gradient).
+                if (1..4).any(needs) {
+                    let outs = [
+                        (name(g, 1), shape_of(g, 1)),
+                        (name(g, 2), shape_of(g, 2)),
+                        (name(g, 3), shape_of(g, 3)),
+                    ];
+                    let outs: Vec<(&str, Shape)> =
+                        outs.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+                    let ins = [node.inputs[1], node.inputs[2], node.inputs[3], dy];
+                    let d = emit(g, Op::DoraNormBack { s: *s }, &ins, &outs);
+                    for (i, &t) in d.iter().enumerate() {
+                        if needs(i + 1) {
+                            contrib.push((i + 1, t));
+                        }
+                    }
+                }
+            }
+            Op::RsqrtMul => {
+                if needs(0) || needs(1) {
+                    let outs = [(name(g, 0), shape_of(g, 0)), (name(g, 1), shape_of(g, 1))];
+                    let outs: Vec<(&str, Shape)> =
+                        outs.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+                    let ins = [node.inputs[0], node.inputs[1], dy];
+                    let d = emit(g, Op::RsqrtMulBack, &ins, &outs);
+                    for (i, &t) in d.iter().enumerate() {
+                        if needs(i) {
+                            contrib.push((i, t));
+                        }
+                    }
+                }
+            }
             Op::AddScaled { s } => {
                 if needs(0) {
                     contrib.push((0, dy));

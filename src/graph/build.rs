@@ -115,12 +115,33 @@ pub struct LinearSite<'a> {
     pub weight: &'a Weight,
 }
 
-/// Where a PEFT method rewrites the forward graph.
+/// One RMSNorm of the decoder, as seen by a PEFT method.
+#[derive(Debug, Clone, Copy)]
+pub struct NormSite<'a> {
+    /// Block index (`None`: the output norm).
+    pub layer: Option<usize>,
+    /// Its frozen weight (`cols` = the normalized width).
+    pub weight: &'a Weight,
+}
+
+/// Where a PEFT method rewrites the forward graph. Every hook returns the
+/// tensor the rest of the graph uses instead of the one it was given (that
+/// one itself where the method does nothing).
 pub trait GraphHook {
-    /// Called after the frozen linear `y = x·Wᵀ` of `site` is added; returns
-    /// the tensor the rest of the graph uses instead of `y` (`y` itself
-    /// when this site is not adapted).
+    /// Called before the frozen linear of `site` is added, with its input.
+    fn linear_input(&self, g: &mut Graph, site: &LinearSite, x: TensorId) -> TensorId {
+        let _ = (g, site);
+        x
+    }
+
+    /// Called after the frozen linear `y = x·Wᵀ` of `site` is added.
     fn linear(&self, g: &mut Graph, site: &LinearSite, x: TensorId, y: TensorId) -> TensorId;
+
+    /// Called after the RMSNorm of `site` is added, with its output.
+    fn norm(&self, g: &mut Graph, site: &NormSite, y: TensorId) -> TensorId {
+        let _ = (g, site);
+        y
+    }
 }
 
 /// The forward graph of a decoder ending in the loss.
@@ -150,12 +171,23 @@ impl DecoderGraph {
                 let id = g.frozen(w);
                 let shape = g.shape(x);
                 let eps = spec.norm_eps;
-                g.push(Op::RmsNorm { w: id, eps }, &[x], &[(name, shape)], at, fw)[0]
+                let y = g.push(Op::RmsNorm { w: id, eps }, &[x], &[(name, shape)], at, fw)[0];
+                let site = NormSite {
+                    layer: Some(li),
+                    weight: w,
+                };
+                hook.norm(g, &site, y)
             };
             let linear = |g: &mut Graph, t: Target, x: TensorId| {
                 let w = t.weight(l);
                 let id = g.frozen(w);
                 let name = format!("blk.{li}.{}", t.name());
+                let site = LinearSite {
+                    layer: li,
+                    target: t,
+                    weight: w,
+                };
+                let x = hook.linear_input(g, &site, x);
                 let y = g.push(
                     Op::Linear { w: id },
                     &[x],
@@ -163,11 +195,6 @@ impl DecoderGraph {
                     at,
                     fw,
                 )[0];
-                let site = LinearSite {
-                    layer: li,
-                    target: t,
-                    weight: w,
-                };
                 hook.linear(g, &site, x, y)
             };
             let h = norm(&mut g, &l.attn_norm, x, "attn_norm");
@@ -254,6 +281,11 @@ impl DecoderGraph {
             None,
             fw,
         )[0];
+        let site = NormSite {
+            layer: None,
+            weight: &spec.output_norm,
+        };
+        let h = hook.norm(&mut g, &site, h);
         let out = g.frozen(&spec.output);
         let outs = g.push(
             Op::LossHead { w: out },

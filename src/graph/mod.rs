@@ -19,7 +19,7 @@ pub mod plan;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use build::{DecoderGraph, GraphHook, LinearSite, Target};
+pub use build::{DecoderGraph, GraphHook, LinearSite, NormSite, Target};
 pub use plan::{MemoryPlan, PlanOptions};
 
 use crate::model::{Activation, Rope, Weight};
@@ -56,6 +56,11 @@ pub enum TensorKind {
     Activation,
     /// Trainable parameter `i` of [`Graph::params`], held by the trainer.
     Param(usize),
+    /// Constant `i` of [`Graph::consts`]: values a method fixes when it
+    /// builds the graph (VeRA's shared random projections, PiSSA's frozen
+    /// correction, DoRA's row norms of the frozen weight). No gradient,
+    /// never updated, not in the arena.
+    Const(usize),
     /// A result read after the step (the loss, parameter gradients): in the
     /// arena, alive until the end.
     Output,
@@ -81,6 +86,19 @@ pub struct Param {
     pub shape: Shape,
     /// The tensor holding it.
     pub tensor: TensorId,
+}
+
+/// A constant tensor of the graph, with its values.
+#[derive(Debug, Clone)]
+pub struct Const {
+    /// Name, unique in the graph.
+    pub name: String,
+    /// Shape.
+    pub shape: Shape,
+    /// The tensor holding it.
+    pub tensor: TensorId,
+    /// `shape.numel()` values, row-major.
+    pub data: std::sync::Arc<[f32]>,
 }
 
 /// Index into [`Graph::frozen`].
@@ -118,6 +136,29 @@ pub enum Op {
     MatmulTAdd,
     /// `a`, `b` → `a + s·b`.
     AddScaled { s: f32 },
+    /// `x (N, k·m)`, `v (1, m)` → `x ⊙ v`: every row (and every group of
+    /// `m` columns) scaled column by column ((IA)³, DoRA, VeRA, norm tuning).
+    MulCols,
+    /// `a (N, k·m)`, `b (N, k·m)` → `(1, m)`: Σ over rows and groups of
+    /// `a ⊙ b` (the gradient of [`Op::MulCols`]'s vector).
+    ColDot,
+    /// `a`, `b` (same shape) → `a ⊙ b`.
+    Mul,
+    /// `a (p, q)`, `b (m, n)` → `a ⊗ b (p·m, q·n)`, the Kronecker product.
+    Kron,
+    /// `a`, `b`, `dy` → `da`, `db` of [`Op::Kron`].
+    KronBack,
+    /// `c (1, out)`, `wa (r, out)`, `b (out, r)`, `gram (r, r)` →
+    /// `n2 (1, out)`: the squared row norms of `W + s·B·A` from
+    /// `c = ‖Wᵢ‖²`, `wa = A·Wᵀ` and `gram = A·Aᵀ`:
+    /// `c + 2s·(B·wa)ᵢᵢ + s²·Bᵢ·gram·Bᵢᵀ` (DoRA).
+    DoraNorm { s: f32 },
+    /// `wa`, `b`, `gram`, `dn2` → `dwa`, `db`, `dgram` of [`Op::DoraNorm`].
+    DoraNormBack { s: f32 },
+    /// `m`, `n2` (same shape) → `m / √n2`.
+    RsqrtMul,
+    /// `m`, `n2`, `dy` → `dm`, `dn2` of [`Op::RsqrtMul`].
+    RsqrtMulBack,
     /// `a`, `b` → `a + b`.
     Add,
     /// `x` → `s·x`.
@@ -163,6 +204,15 @@ impl Op {
             Op::MatmulT => "matmul_t",
             Op::MatmulTAdd => "matmul_t_add",
             Op::AddScaled { .. } => "add_scaled",
+            Op::MulCols => "mul_cols",
+            Op::ColDot => "col_dot",
+            Op::Mul => "mul",
+            Op::Kron => "kron",
+            Op::KronBack => "kron_back",
+            Op::DoraNorm { .. } => "dora_norm",
+            Op::DoraNormBack { .. } => "dora_norm_back",
+            Op::RsqrtMul => "rsqrt_mul",
+            Op::RsqrtMulBack => "rsqrt_mul_back",
             Op::Add => "add",
             Op::Scale { .. } => "scale",
             Op::Rope { .. } => "rope",
@@ -243,6 +293,8 @@ pub struct Graph {
     pub frozen: Vec<Weight>,
     /// Trainable parameters.
     pub params: Vec<Param>,
+    /// Constants.
+    pub consts: Vec<Const>,
     /// The `(1, 2)` loss tensor, once built.
     pub loss: Option<TensorId>,
     /// The gradient tensor of each parameter, after [`autodiff`].
@@ -297,6 +349,56 @@ impl Graph {
             tensor: t,
         });
         t
+    }
+
+    /// The trainable parameter `name`, made with `shape` the first time
+    /// and shared by every later caller (VeRA's scaling vectors are not, but
+    /// a hybrid's methods may meet at one tensor).
+    pub fn shared_param(&mut self, name: &str, shape: Shape) -> TensorId {
+        match self.params.iter().find(|p| p.name == name) {
+            Some(p) => {
+                assert_eq!(
+                    p.shape, shape,
+                    "parameter {name} made twice with two shapes"
+                );
+                p.tensor
+            }
+            None => self.param(name, shape),
+        }
+    }
+
+    /// The constant `name`: made from `data()` (of `shape.numel()` values)
+    /// the first time, the same tensor for every later caller.
+    pub fn constant(
+        &mut self,
+        name: &str,
+        shape: Shape,
+        data: impl FnOnce() -> std::sync::Arc<[f32]>,
+    ) -> TensorId {
+        if let Some(c) = self.consts.iter().find(|c| c.name == name) {
+            assert_eq!(c.shape, shape, "constant {name} made twice with two shapes");
+            return c.tensor;
+        }
+        let data = data();
+        assert_eq!(
+            data.len(),
+            shape.numel(),
+            "constant {name}: values for its shape"
+        );
+        let index = self.consts.len();
+        let t = self.tensor(name, shape, TensorKind::Const(index));
+        self.consts.push(Const {
+            name: name.to_string(),
+            shape,
+            tensor: t,
+            data,
+        });
+        t
+    }
+
+    /// Bytes of the constants.
+    pub fn const_bytes(&self) -> u64 {
+        self.consts.iter().map(|c| 4 * c.shape.numel() as u64).sum()
     }
 
     /// Append a node whose outputs have the given names and shapes.

@@ -106,8 +106,13 @@ impl MemoryPlan {
                 last[t] = last[t].max(i);
             }
         }
-        let in_arena =
-            |t: usize| def[t] != usize::MAX && !matches!(g.tensors[t].kind, TensorKind::Param(_));
+        let in_arena = |t: usize| {
+            def[t] != usize::MAX
+                && !matches!(
+                    g.tensors[t].kind,
+                    TensorKind::Param(_) | TensorKind::Const(_)
+                )
+        };
         for (t, l) in last.iter_mut().enumerate() {
             if g.tensors[t].kind == TensorKind::Output {
                 *l = end;

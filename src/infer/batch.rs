@@ -14,7 +14,7 @@ use super::generate::{GenerateOptions, Generation, PREFILL_CHUNK, StopReason};
 use super::sample::Sampler;
 use crate::backend::cpu::{CpuDecoder, KvCache, SeqPass};
 use crate::backend::draw_sorted;
-use crate::peft::lora::LoraWeights;
+use crate::peft::AdapterWeights;
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 use crate::{Error, Result};
 use std::sync::Arc;
@@ -71,7 +71,7 @@ pub enum BatchEvent {
 struct Active {
     id: RequestId,
     cache: KvCache,
-    adapters: Vec<Arc<LoraWeights>>,
+    adapters: Vec<Arc<AdapterWeights>>,
     opts: GenerateOptions,
     sampler: Sampler,
     stream: StreamDecoder,
@@ -135,7 +135,7 @@ impl<'d, 'm> Batch<'d, 'm> {
     pub fn add(
         &mut self,
         prompt: &[u32],
-        adapters: Vec<Arc<LoraWeights>>,
+        adapters: Vec<Arc<AdapterWeights>>,
         opts: GenerateOptions,
     ) -> Result<RequestId> {
         if self.is_full() {
@@ -254,7 +254,7 @@ impl<'d, 'm> Batch<'d, 'm> {
             .decoder
             .forward_batch(&mut seqs, self.options.invariant)?;
         drop(seqs);
-        let adapters: Vec<&[Arc<LoraWeights>]> =
+        let adapters: Vec<&[Arc<AdapterWeights>]> =
             self.active.iter().map(|a| a.adapters.as_slice()).collect();
         let logits = self
             .decoder

@@ -8,7 +8,7 @@ use super::batch::{Batch, BatchEvent, BatchOptions};
 use super::generate::GenerateOptions;
 use crate::backend::cpu::CpuDecoder;
 use crate::export::gguf_lora::{LoraFile, LoraPair};
-use crate::peft::lora::LoraWeights;
+use crate::peft::AdapterWeights;
 use crate::tokenizer::Tokenizer;
 use crate::{Error, Result};
 use rand::{Rng, SeedableRng};
@@ -74,8 +74,13 @@ pub struct AdapterFigure {
 /// A random LoRA adapter of `rank` on the seven targets of every layer of
 /// `decoder`'s model; at `strength` 1 its changes are about as large as a
 /// briefly trained adapter's.
-pub fn random_adapter(decoder: &CpuDecoder, rank: usize, strength: f32, seed: u64) -> LoraWeights {
-    LoraWeights::new(&random_lora(decoder.spec(), rank, seed), strength)
+pub fn random_adapter(
+    decoder: &CpuDecoder,
+    rank: usize,
+    strength: f32,
+    seed: u64,
+) -> AdapterWeights {
+    AdapterWeights::new(&random_lora(decoder.spec(), rank, seed), strength)
 }
 
 /// The adapter file of [`random_adapter`] (strength 1).
@@ -142,7 +147,7 @@ impl Timing {
 fn run_batch(
     decoder: &CpuDecoder,
     tokenizer: &Tokenizer,
-    requests: &[(Vec<u32>, Arc<LoraWeights>)],
+    requests: &[(Vec<u32>, Arc<AdapterWeights>)],
     gen_tokens: usize,
     invariant: bool,
 ) -> Result<Timing> {
@@ -195,7 +200,7 @@ pub fn bench_adapters(
         ));
     }
     let most = opts.distinct.iter().copied().max().unwrap_or(1).max(1);
-    let adapters: Vec<Arc<LoraWeights>> = (0..most)
+    let adapters: Vec<Arc<AdapterWeights>> = (0..most)
         .map(|i| Arc::new(random_adapter(decoder, opts.rank, 1.0, i as u64)))
         .collect();
     let n_vocab = decoder.spec().n_vocab as u32;
@@ -226,12 +231,12 @@ pub fn bench_adapters(
     let mut figures = Vec::new();
     for &k in &opts.distinct {
         let k = k.max(1);
-        let requests: Vec<(Vec<u32>, Arc<LoraWeights>)> = prompts
+        let requests: Vec<(Vec<u32>, Arc<AdapterWeights>)> = prompts
             .iter()
             .enumerate()
             .map(|(i, p)| (p.clone(), adapters[i % k].clone()))
             .collect();
-        let timed = |reqs: &[(Vec<u32>, Arc<LoraWeights>)], invariant| {
+        let timed = |reqs: &[(Vec<u32>, Arc<AdapterWeights>)], invariant| {
             run_batch(decoder, tokenizer, reqs, opts.gen_tokens, invariant)
         };
         let batched = timed(&requests, opts.invariant)?;

@@ -333,6 +333,36 @@ impl DecoderSpec {
         Ok(spec)
     }
 
+    /// Every weight the decoder reads: embeddings, output norm and matrix,
+    /// then each block's.
+    pub fn weights(&self) -> Vec<&Weight> {
+        let mut all = vec![&self.token_embd, &self.output_norm, &self.output];
+        for l in &self.layers {
+            all.extend([
+                &l.attn_norm,
+                &l.wq,
+                &l.wk,
+                &l.wv,
+                &l.wo,
+                &l.ffn_norm,
+                &l.w_gate,
+                &l.w_up,
+                &l.w_down,
+            ]);
+            all.extend(
+                [&l.q_norm, &l.k_norm, &l.post_attn_norm, &l.post_ffn_norm]
+                    .into_iter()
+                    .flatten(),
+            );
+        }
+        all
+    }
+
+    /// The weight the decoder reads under `name`.
+    pub fn weight(&self, name: &str) -> Option<&Weight> {
+        self.weights().into_iter().find(|w| w.name == name)
+    }
+
     /// Number of parameters in the file's tensors that the decoder uses.
     pub fn n_params(&self) -> usize {
         let mut n = self.token_embd.numel() + self.output_norm.numel();

@@ -3,10 +3,10 @@
 //! `B (out, r)` and `s = α/r` (or `α/√r` with rsLoRA). `A` starts
 //! Kaiming-uniform and `B` at zero, so training starts from the base model.
 
-use super::Method;
-use crate::graph::{Graph, GraphHook, LinearSite, Op, Phase, Shape, Target, TensorId};
+use super::{Effect, Method, ParamMap};
+use crate::graph::{Graph, GraphHook, LinearSite, Op, Param, Phase, Shape, Target, TensorId};
+use crate::model::Model;
 use crate::{Error, Result};
-use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +17,16 @@ pub enum LayerSelection {
     All,
     /// The last `n` layers.
     Last(usize),
+}
+
+impl LayerSelection {
+    /// Whether `layer` (of `n_layers`) is selected.
+    pub fn contains(self, n_layers: usize, layer: usize) -> bool {
+        match self {
+            LayerSelection::All => true,
+            LayerSelection::Last(n) => layer + n >= n_layers,
+        }
+    }
 }
 
 /// LoRA hyper-parameters.
@@ -60,6 +70,11 @@ impl LoraConfig {
         } else {
             self.alpha / self.rank as f32
         }
+    }
+
+    /// Whether `target` of `layer` (of `n_layers`) is adapted.
+    pub fn selects(&self, n_layers: usize, layer: usize, target: Target) -> bool {
+        self.layers.contains(n_layers, layer) && self.targets.contains(&target)
     }
 
     /// Check the values a user can get wrong.
@@ -116,12 +131,69 @@ impl Lora {
 
     /// Whether `site` is adapted.
     pub fn adapts(&self, layer: usize, target: Target) -> bool {
-        let in_layers = match self.config.layers {
-            LayerSelection::All => true,
-            LayerSelection::Last(n) => layer + n >= self.n_layers,
-        };
-        in_layers && self.config.targets.contains(&target)
+        self.config.selects(self.n_layers, layer, target)
     }
+}
+
+/// The input of a low-rank term at `site`: `x`, through dropout when the
+/// configuration has it (one mask per site and step).
+pub(crate) fn dropped_input(
+    g: &mut Graph,
+    cfg: &LoraConfig,
+    site: &LinearSite,
+    x: TensorId,
+) -> TensorId {
+    if cfg.dropout <= 0.0 {
+        return x;
+    }
+    let op = Op::Dropout {
+        p: cfg.dropout,
+        site: (site.layer * 8 + site.target as usize) as u32,
+    };
+    let shape = g.shape(x);
+    g.push(
+        op,
+        &[x],
+        &[("lora_dropout", shape)],
+        Some(site.layer),
+        Phase::Forward,
+    )[0]
+}
+
+/// `y + s·(x·Aᵀ)·Bᵀ` for `a (r, in)`, `b (out, r)`, with the scale on the
+/// narrow `(N, r)` product.
+pub(crate) fn low_rank_term(
+    g: &mut Graph,
+    layer: usize,
+    x: TensorId,
+    y: TensorId,
+    (a, b): (TensorId, TensorId),
+    s: f32,
+) -> TensorId {
+    let (n, r, out) = (g.shape(x).rows, g.shape(a).rows, g.shape(b).rows);
+    let at = Some(layer);
+    let fw = Phase::Forward;
+    let h = g.push(
+        Op::MatmulT,
+        &[x, a],
+        &[("lora_h", Shape::new(n, r))],
+        at,
+        fw,
+    )[0];
+    let hs = g.push(
+        Op::Scale { s },
+        &[h],
+        &[("lora_hs", Shape::new(n, r))],
+        at,
+        fw,
+    )[0];
+    g.push(
+        Op::MatmulTAdd,
+        &[y, hs, b],
+        &[("lora_y", Shape::new(n, out))],
+        at,
+        fw,
+    )[0]
 }
 
 /// Name of the A (`"a"`) or B matrix of a base weight, as in GGUF LoRA
@@ -136,43 +208,10 @@ impl GraphHook for Lora {
             return y;
         }
         let (r, w) = (self.config.rank, site.weight);
-        let n = g.shape(x).rows;
-        let at = Some(site.layer);
-        let fw = Phase::Forward;
         let a = g.param(param_name(&w.name, "a"), Shape::new(r, w.cols));
         let b = g.param(param_name(&w.name, "b"), Shape::new(w.rows, r));
-        let mut xin = x;
-        if self.config.dropout > 0.0 {
-            let site_id = (site.layer * 8 + site.target as usize) as u32;
-            let op = Op::Dropout {
-                p: self.config.dropout,
-                site: site_id,
-            };
-            xin = g.push(op, &[x], &[("lora_dropout", g.shape(x))], at, fw)[0];
-        }
-        // y + s·(x·Aᵀ)·Bᵀ, with the scale on the narrow (N, r) product.
-        let h = g.push(
-            Op::MatmulT,
-            &[xin, a],
-            &[("lora_h", Shape::new(n, r))],
-            at,
-            fw,
-        )[0];
-        let s = self.config.scale();
-        let hs = g.push(
-            Op::Scale { s },
-            &[h],
-            &[("lora_hs", Shape::new(n, r))],
-            at,
-            fw,
-        )[0];
-        g.push(
-            Op::MatmulTAdd,
-            &[y, hs, b],
-            &[("lora_y", Shape::new(n, w.rows))],
-            at,
-            fw,
-        )[0]
+        let xin = dropped_input(g, &self.config, site, x);
+        low_rank_term(g, site.layer, xin, y, (a, b), self.config.scale())
     }
 }
 
@@ -181,23 +220,17 @@ impl Method for Lora {
         "lora"
     }
 
-    fn init(&self, g: &Graph, seed: u64) -> Vec<Vec<f32>> {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed);
-        g.params
-            .iter()
-            .map(|p| {
-                if p.name.ends_with(".lora_a") {
-                    // Kaiming-uniform with a = √5, as PyTorch's nn.Linear and
-                    // PEFT: bound = 1/√fan_in.
-                    let bound = 1.0 / (p.shape.cols as f32).sqrt();
-                    (0..p.shape.numel())
-                        .map(|_| rng.random_range(-bound..bound))
-                        .collect()
-                } else {
-                    vec![0.0; p.shape.numel()]
-                }
-            })
-            .collect()
+    fn owns(&self, name: &str) -> bool {
+        name.ends_with(".lora_a") || name.ends_with(".lora_b")
+    }
+
+    fn init_param(&self, p: &Param, rng: &mut ChaCha8Rng) -> Vec<f32> {
+        if p.name.ends_with(".lora_a") {
+            // Kaiming-uniform with a = √5, as PyTorch's nn.Linear and PEFT.
+            super::kaiming(p.shape.numel(), p.shape.cols, rng)
+        } else {
+            vec![0.0; p.shape.numel()]
+        }
     }
 
     fn lr_multiplier(&self, name: &str) -> f32 {
@@ -207,106 +240,31 @@ impl Method for Lora {
             1.0
         }
     }
+
+    fn effects(&self, params: &ParamMap, _model: &Model) -> Result<Vec<(String, Effect)>> {
+        low_rank_effects(params, self.config.rank, self.config.scale())
+    }
 }
 
-/// A LoRA adapter loaded for inference: `out += s·(x·Aᵀ)·Bᵀ` after each
-/// adapted frozen linear, keyed by the base tensor's name.
-#[derive(Debug, Clone)]
-pub struct LoraWeights {
-    by_base: std::collections::HashMap<String, LoraDelta>,
-}
-
-#[derive(Debug, Clone)]
-struct LoraDelta {
+/// The `base.lora_a` / `base.lora_b` pairs of `params` as low-rank effects
+/// with scale `s`, in name order.
+pub(crate) fn low_rank_effects(
+    params: &ParamMap,
     rank: usize,
-    n_in: usize,
-    n_out: usize,
-    /// `(rank, n_in)`, pre-multiplied by the scale.
-    a: Vec<f32>,
-    /// `(n_out, rank)`.
-    b: Vec<f32>,
-}
-
-impl LoraWeights {
-    /// Take the pairs of `file`, each scaled by the file's scale times
-    /// `strength` (1 for the adapter as trained). `check_base` has verified
-    /// names and shapes against the base model.
-    pub fn new(file: &crate::export::gguf_lora::LoraFile, strength: f32) -> LoraWeights {
-        let s = file.scale() * strength;
-        let by_base = file
-            .pairs
-            .iter()
-            .map(|p| {
-                let delta = LoraDelta {
-                    rank: file.rank,
-                    n_in: p.n_in,
-                    n_out: p.n_out,
-                    a: p.a.iter().map(|v| v * s).collect(),
-                    b: p.b.clone(),
-                };
-                (p.base.clone(), delta)
-            })
-            .collect();
-        LoraWeights { by_base }
-    }
-
-    /// Number of adapted tensors.
-    pub fn len(&self) -> usize {
-        self.by_base.len()
-    }
-
-    /// Whether no tensor is adapted.
-    pub fn is_empty(&self) -> bool {
-        self.by_base.is_empty()
-    }
-
-    /// Whether the base tensor named `base` is adapted.
-    pub fn adapts(&self, base: &str) -> bool {
-        self.by_base.contains_key(base)
-    }
-
-    /// `out (n, n_out) += s·(x·Aᵀ)·Bᵀ` for `x (n, n_in)` when `base` is adapted.
-    pub fn apply(&self, base: &str, x: &[f32], out: &mut [f32]) {
-        self.apply_with(base, x, out, false)
-    }
-
-    /// [`LoraWeights::apply`]; `invariant` computes each row's products
-    /// exactly as it would alone (see [`crate::backend::cpu::invariant`]).
-    pub fn apply_with(&self, base: &str, x: &[f32], out: &mut [f32], invariant: bool) {
-        use crate::backend::cpu::gemm::{Operand, matmul_into};
-        use crate::backend::cpu::invariant;
-        let Some(d) = self.by_base.get(base) else {
-            return;
-        };
-        let n = x.len() / d.n_in;
-        let mut h = vec![0.0; n * d.rank];
-        if invariant {
-            invariant::matmul_f32(x, &d.a, d.n_in, &mut h, false);
-            invariant::matmul_f32(&h, &d.b, d.rank, out, true);
-            return;
-        }
-        matmul_into(
-            n,
-            d.rank,
-            d.n_in,
-            Operand::new(x, d.n_in),
-            Operand::new(&d.a, d.n_in).t(),
-            &mut h,
-            d.rank,
-            false,
-            1,
-        );
-        let b = Operand::new(&d.b, d.rank).t();
-        matmul_into(
-            n,
-            d.n_out,
-            d.rank,
-            Operand::new(&h, d.rank),
-            b,
-            out,
-            d.n_out,
-            true,
-            1,
-        );
-    }
+    s: f32,
+) -> Result<Vec<(String, Effect)>> {
+    let mut bases: Vec<&str> = params
+        .keys()
+        .filter_map(|n| n.strip_suffix(".lora_a"))
+        .collect();
+    bases.sort_unstable();
+    bases
+        .into_iter()
+        .map(|base| {
+            let a = super::param(params, &param_name(base, "a"))?;
+            let b = super::param(params, &param_name(base, "b"))?.to_vec();
+            let a = a.iter().map(|v| v * s).collect();
+            Ok((base.to_string(), Effect::LowRank { rank, a, b }))
+        })
+        .collect()
 }

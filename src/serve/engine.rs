@@ -7,7 +7,7 @@
 use super::openai::{Job, Prompt, Usage};
 use crate::backend::cpu::CpuDecoder;
 use crate::infer::{Batch, BatchEvent, BatchOptions, RequestId, StopReason};
-use crate::peft::lora::LoraWeights;
+use crate::peft::AdapterWeights;
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::{Error, Result};
 use std::collections::{HashMap, VecDeque};
@@ -68,7 +68,7 @@ pub struct Engine<'d, 'm> {
     /// Its chat template, if it has one.
     pub template: Option<&'d ChatTemplate>,
     /// Adapters by the model name that selects them; the base name maps to none.
-    pub models: &'d HashMap<String, Vec<Arc<LoraWeights>>>,
+    pub models: &'d HashMap<String, Vec<Arc<AdapterWeights>>>,
     /// Batch size and kernels.
     pub batch: BatchOptions,
     /// Most requests waiting for a place in the batch; more are refused (503).

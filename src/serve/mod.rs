@@ -16,7 +16,7 @@ pub use openai::Limits;
 
 use crate::backend::cpu::CpuDecoder;
 use crate::infer::BatchOptions;
-use crate::peft::lora::LoraWeights;
+use crate::peft::AdapterWeights;
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::{Error, Result};
 use std::collections::HashMap;
@@ -61,7 +61,7 @@ pub struct Models<'d, 'm> {
     /// The name that selects no adapter.
     pub base_name: String,
     /// Adapters by name.
-    pub adapters: Vec<(String, Arc<LoraWeights>)>,
+    pub adapters: Vec<(String, Arc<AdapterWeights>)>,
 }
 
 impl Models<'_, '_> {
@@ -96,7 +96,7 @@ pub fn serve(
     log: &(dyn Fn(&str) + Sync),
 ) -> Result<()> {
     let names = models.names()?;
-    let mut by_name: HashMap<String, Vec<Arc<LoraWeights>>> = models
+    let mut by_name: HashMap<String, Vec<Arc<AdapterWeights>>> = models
         .adapters
         .into_iter()
         .map(|(name, a)| (name, vec![a]))

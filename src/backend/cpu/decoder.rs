@@ -8,7 +8,7 @@ use super::matmul::{MatvecMode, QMatrix, matmul_with};
 use super::ops::{add_assign, gated_activation, rms_norm, rope};
 use crate::backend::Logits;
 use crate::model::{DecoderSpec, Model, Weight};
-use crate::peft::lora::LoraWeights;
+use crate::peft::AdapterWeights;
 use crate::{Error, Result};
 use std::sync::Arc;
 
@@ -60,7 +60,7 @@ pub struct SeqPass<'a> {
     /// The sequence's cache; the tokens go after what it holds.
     pub cache: &'a mut KvCache,
     /// Adapters of this sequence (applied after the decoder's own).
-    pub adapters: &'a [Arc<LoraWeights>],
+    pub adapters: &'a [Arc<AdapterWeights>],
 }
 
 /// Where one sequence's rows sit in a batched pass.
@@ -68,7 +68,7 @@ struct SeqRows<'a> {
     start: usize,
     len: usize,
     pos0: usize,
-    adapters: &'a [Arc<LoraWeights>],
+    adapters: &'a [Arc<AdapterWeights>],
 }
 
 impl SeqRows<'_> {
@@ -88,12 +88,12 @@ impl SeqRows<'_> {
 #[derive(Default)]
 struct AdapterGroups<'a> {
     /// Per level: each adapter with the rows using it, ascending.
-    levels: Vec<Vec<(&'a LoraWeights, Vec<usize>)>>,
+    levels: Vec<Vec<(&'a AdapterWeights, Vec<usize>)>>,
 }
 
 impl<'a> AdapterGroups<'a> {
     fn new(seqs: &[SeqRows<'a>]) -> Self {
-        let mut levels: Vec<Vec<(&'a LoraWeights, Vec<usize>)>> = Vec::new();
+        let mut levels: Vec<Vec<(&'a AdapterWeights, Vec<usize>)>> = Vec::new();
         for seq in seqs {
             for (i, a) in seq.adapters.iter().enumerate() {
                 if levels.len() <= i {
@@ -125,7 +125,7 @@ impl<'a> AdapterGroups<'a> {
         use rayon::prelude::*;
         let chunk = if invariant { 8 } else { 64 };
         for level in &self.levels {
-            let tasks: Vec<(&LoraWeights, &[usize])> = level
+            let tasks: Vec<(&AdapterWeights, &[usize])> = level
                 .iter()
                 .filter(|(a, _)| a.adapts(base))
                 .flat_map(|(a, rows)| rows.chunks(chunk).map(move |c| (*a, c)))
@@ -177,7 +177,7 @@ pub struct CpuDecoder<'m> {
     norms: Vec<LayerNorms>,
     output_norm: Vec<f32>,
     matvec: MatvecMode,
-    adapters: Vec<Arc<LoraWeights>>,
+    adapters: Vec<Arc<AdapterWeights>>,
     /// The decoder's own workers. A whole pass runs inside `pool.install`
     /// (one hand-off per pass), so the hundreds of small parallel loops of a
     /// single-token step are forked from a worker and do not each inject a job
@@ -266,20 +266,38 @@ impl<'m> CpuDecoder<'m> {
         invariant: bool,
     ) {
         let q = self.qmatrix(w);
+        // (IA)³-style input scales of the decoder's adapters, multiplied.
+        let mut scaled: Option<Vec<f32>> = None;
+        for a in &self.adapters {
+            if let Some(v) = a.in_scale(&w.name) {
+                let xs = scaled.get_or_insert_with(|| x.to_vec());
+                for row in xs.chunks_exact_mut(v.len()) {
+                    row.iter_mut().zip(&v).for_each(|(x, v)| *x *= v);
+                }
+            }
+        }
+        let x = scaled.as_deref().unwrap_or(x);
         if invariant {
             invariant::matmul(x, &q, out);
         } else {
             matmul_with(x, &q, out, self.matvec);
         }
         for a in &self.adapters {
-            a.apply_with(&w.name, x, out, invariant);
+            a.apply_site(&w.name, x, out, invariant);
         }
         groups.apply(&w.name, x, w.cols, out, w.rows, invariant);
     }
 
-    /// Add a LoRA adapter to every pass (adapters stack, each with the
-    /// strength it was loaded with).
-    pub fn add_adapter(&mut self, adapter: Arc<LoraWeights>) {
+    /// The decoder's adapters' scales of the norm `w`, on `x`.
+    fn norm_effects(&self, w: &Weight, x: &mut [f32]) {
+        for a in &self.adapters {
+            a.apply_norm(&w.name, x);
+        }
+    }
+
+    /// Add an adapter to every pass (adapters stack, each with the strength
+    /// it was loaded with).
+    pub fn add_adapter(&mut self, adapter: Arc<AdapterWeights>) {
         self.adapters.push(adapter);
     }
 
@@ -371,6 +389,14 @@ impl<'m> CpuDecoder<'m> {
                 ));
             }
             crate::backend::check_tokens(s, seq.tokens, cache.len, cache.capacity)?;
+            if let Some(a) = seq.adapters.iter().find(|a| !a.is_additive()) {
+                return Err(Error::Invalid(format!(
+                    "an adapter of a batched sequence rescales activations ({} tensors): batched \
+                     requests take adapters that add a term (LoRA, PiSSA, VeRA, LoHa, LoKr); \
+                     merge this one into the model (`edgetune merge`) to serve it",
+                    a.len()
+                )));
+            }
             rows.push(SeqRows {
                 start: tokens.len(),
                 len: seq.tokens.len(),
@@ -397,14 +423,17 @@ impl<'m> CpuDecoder<'m> {
         for (li, (l, norms)) in s.layers.iter().zip(&self.norms).enumerate() {
             h.copy_from_slice(&x);
             rms_norm(&mut h, &norms.attn, s.norm_eps);
+            self.norm_effects(&l.attn_norm, &mut h);
             mm(&h, &l.wq, &mut q);
             mm(&h, &l.wk, &mut k);
             mm(&h, &l.wv, &mut v);
-            if let Some(w) = &norms.k {
+            if let (Some(w), Some(wk)) = (&norms.k, &l.k_norm) {
                 rms_norm(&mut k, w, s.norm_eps);
+                self.norm_effects(wk, &mut k);
             }
-            if let Some(w) = &norms.q {
+            if let (Some(w), Some(wq)) = (&norms.q, &l.q_norm) {
                 rms_norm(&mut q, w, s.norm_eps);
+                self.norm_effects(wq, &mut q);
             }
             let shape = AttnShape {
                 n_head: s.n_head,
@@ -425,19 +454,22 @@ impl<'m> CpuDecoder<'m> {
                 attention(qr, kc, vc, r.pos0, &shape, r.rows_mut(&mut att, q_dim));
             }
             mm(&att, &l.wo, &mut o);
-            if let Some(w) = &norms.post_attn {
+            if let (Some(w), Some(wp)) = (&norms.post_attn, &l.post_attn_norm) {
                 rms_norm(&mut o, w, s.norm_eps);
+                self.norm_effects(wp, &mut o);
             }
             add_assign(&mut x, &o);
 
             h.copy_from_slice(&x);
             rms_norm(&mut h, &norms.ffn, s.norm_eps);
+            self.norm_effects(&l.ffn_norm, &mut h);
             mm(&h, &l.w_gate, &mut gate);
             mm(&h, &l.w_up, &mut up);
             gated_activation(&mut gate, &up, s.activation);
             mm(&gate, &l.w_down, &mut o);
-            if let Some(w) = &norms.post_ffn {
+            if let (Some(w), Some(wp)) = (&norms.post_ffn, &l.post_ffn_norm) {
                 rms_norm(&mut o, w, s.norm_eps);
+                self.norm_effects(wp, &mut o);
             }
             add_assign(&mut x, &o);
         }
@@ -445,6 +477,7 @@ impl<'m> CpuDecoder<'m> {
             seq.cache.len = r.pos0 + r.len;
         }
         rms_norm(&mut x, &self.output_norm, s.norm_eps);
+        self.norm_effects(&s.output_norm, &mut x);
         Ok(x)
     }
 
@@ -454,7 +487,7 @@ impl<'m> CpuDecoder<'m> {
     pub fn logits_batch(
         &self,
         hidden: &[f32],
-        adapters: &[&[Arc<LoraWeights>]],
+        adapters: &[&[Arc<AdapterWeights>]],
         invariant: bool,
     ) -> Result<Vec<f32>> {
         let s = self.spec();

@@ -28,6 +28,8 @@
 
 #[path = "train_ops.rs"]
 mod ops;
+#[path = "train_peft.rs"]
+pub(crate) mod peft;
 
 pub use ops::{AttnSavedViews, MAX_HEAD_DIM, PackedRows, rope_table};
 pub(crate) use ops::{

@@ -52,6 +52,7 @@
 //!   the resident ones); [`GpuStep::run_resident`] runs the graph on the
 //!   resident ones (evaluation).
 
+use super::train::peft;
 use super::train::{
     self, AdamWHyper, AttnSavedViews, GpuOptim, GpuStepReport, PackedRows, QuantMatrix,
     TrainStepParams, View, loss_scratch_len, rope_table,
@@ -109,6 +110,8 @@ pub struct GpuStep {
     plan: MemoryPlan,
     arena: Buffer,
     params: Vec<Buffer>,
+    /// The graph's constants, uploaded once.
+    consts: Vec<Buffer>,
     inputs: InputBuffers,
     step: Buffer,
     staging: Buffer,
@@ -181,6 +184,11 @@ impl GpuStep {
             .iter()
             .map(|p| ctx.storage(p.shape.numel() as u64 * 4, &p.name))
             .collect();
+        let consts = graph
+            .consts
+            .iter()
+            .map(|c| ctx.upload(bytemuck::cast_slice(&c.data), &c.name))
+            .collect();
         let mut ropes: Vec<(Rope, Buffer)> = Vec::new();
         for node in &graph.nodes {
             if let Op::Rope { rope, .. } | Op::RopeBack { rope, .. } = node.op
@@ -212,6 +220,7 @@ impl GpuStep {
             staging: ctx.staging(16),
             inputs,
             params,
+            consts,
             vocab,
             dispatches: Vec::new(),
             frozen,
@@ -572,6 +581,7 @@ impl GpuStep {
     fn view(&self, t: TensorId) -> Result<View<'_>> {
         Ok(match self.graph.tensors[t].kind {
             TensorKind::Param(i) => View::whole(&self.params[i]),
+            TensorKind::Const(i) => View::whole(&self.consts[i]),
             _ => View::at(&self.arena, self.offset(t)?),
         })
     }
@@ -708,6 +718,52 @@ impl GpuStep {
                     out.push(train::add_scaled(ctx, v(0)?, v(1)?, *s, o(0)?, numel(0))?)
                 }
                 Op::Add => out.push(train::add(ctx, v(0)?, v(1)?, o(0)?, numel(0))?),
+                Op::Mul => out.push(peft::mul(ctx, v(0)?, v(1)?, o(0)?, numel(0))?),
+                Op::MulCols => {
+                    let m = numel(1);
+                    out.push(peft::mul_cols(ctx, v(0)?, v(1)?, o(0)?, numel(0), m)?);
+                }
+                Op::ColDot => {
+                    let m = g.shape(node.outputs[0]).numel();
+                    let rows = numel(0) / m;
+                    out.push(peft::col_dot(ctx, v(0)?, v(1)?, o(0)?, rows, m)?);
+                }
+                Op::Kron | Op::KronBack => {
+                    let (a, b) = (g.shape(node.inputs[0]), g.shape(node.inputs[1]));
+                    let (ad, bd) = ((a.rows, a.cols), (b.rows, b.cols));
+                    if matches!(node.op, Op::Kron) {
+                        out.push(peft::kron(ctx, v(0)?, v(1)?, o(0)?, ad, bd)?);
+                    } else {
+                        let (da, db) = (o(0)?, o(1)?);
+                        out.extend(peft::kron_back(ctx, v(0)?, v(1)?, v(2)?, da, db, ad, bd)?);
+                    }
+                }
+                Op::DoraNorm { s } => {
+                    let b = g.shape(node.inputs[2]);
+                    let dims = (b.rows, b.cols);
+                    let (c, wa, bv, gram) = (v(0)?, v(1)?, v(2)?, v(3)?);
+                    out.push(peft::dora_norm(ctx, c, wa, bv, gram, o(0)?, dims, *s)?);
+                }
+                Op::DoraNormBack { s } => {
+                    let b = g.shape(node.inputs[1]);
+                    let dims = (b.rows, b.cols);
+                    let ins = [v(0)?, v(1)?, v(2)?, v(3)?];
+                    let outs = [o(0)?, o(1)?, o(2)?];
+                    out.extend(peft::dora_norm_back(ctx, ins, outs, dims, *s)?);
+                }
+                Op::RsqrtMul => out.push(peft::rsqrt_mul(ctx, v(0)?, v(1)?, o(0)?, numel(0))?),
+                Op::RsqrtMulBack => {
+                    let (dm, dn2) = (o(0)?, o(1)?);
+                    out.push(peft::rsqrt_mul_back(
+                        ctx,
+                        v(0)?,
+                        v(1)?,
+                        v(2)?,
+                        dm,
+                        dn2,
+                        numel(0),
+                    )?);
+                }
                 Op::Scale { s } => out.push(train::scale(ctx, v(0)?, *s, o(0)?, numel(0))?),
                 Op::Rope { rope, head_dim } | Op::RopeBack { rope, head_dim } => {
                     let sign = if matches!(node.op, Op::Rope { .. }) {

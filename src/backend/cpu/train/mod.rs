@@ -9,8 +9,9 @@ pub mod attention;
 pub mod fastmath;
 pub mod loss;
 pub mod ops;
+pub mod peft_ops;
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use super::gemm::{Operand, matmul_into};
 use super::matmul::QMatrix;
@@ -188,6 +189,7 @@ impl<'m> CpuStep<'m> {
         let read = |t: TensorId| -> &[f32] {
             match g.tensors[t].kind {
                 TensorKind::Param(i) => &params[i],
+                TensorKind::Const(i) => &g.consts[i].data,
                 _ => unsafe {
                     std::slice::from_raw_parts(
                         base.add(plan.offsets[t].unwrap()),
@@ -303,6 +305,34 @@ impl<'m> CpuStep<'m> {
                 }
                 Op::AddScaled { s } => zip2(read(i[0]), read(i[1]), write(o[0]), |a, b| a + s * b),
                 Op::Add => zip2(read(i[0]), read(i[1]), write(o[0]), |a, b| a + b),
+                Op::Mul => zip2(read(i[0]), read(i[1]), write(o[0]), |a, b| a * b),
+                Op::MulCols => peft_ops::mul_cols(read(i[0]), read(i[1]), write(o[0])),
+                Op::ColDot => peft_ops::col_dot(read(i[0]), read(i[1]), write(o[0])),
+                Op::Kron => {
+                    let (a, b) = (g.shape(i[0]), g.shape(i[1]));
+                    let (ad, bd) = ((a.rows, a.cols), (b.rows, b.cols));
+                    peft_ops::kron(read(i[0]), ad, read(i[1]), bd, write(o[0]));
+                }
+                Op::KronBack => {
+                    let (a, b) = (g.shape(i[0]), g.shape(i[1]));
+                    let (ad, bd) = ((a.rows, a.cols), (b.rows, b.cols));
+                    let (da, db) = (write(o[0]), write(o[1]));
+                    peft_ops::kron_back(read(i[0]), ad, read(i[1]), bd, read(i[2]), da, db);
+                }
+                Op::DoraNorm { s } => {
+                    let (c, wa, b, gram) = (read(i[0]), read(i[1]), read(i[2]), read(i[3]));
+                    peft_ops::dora_norm(c, wa, b, gram, *s, write(o[0]));
+                }
+                Op::DoraNormBack { s } => {
+                    let (wa, b, gram, dn2) = (read(i[0]), read(i[1]), read(i[2]), read(i[3]));
+                    let (dwa, db, dgram) = (write(o[0]), write(o[1]), write(o[2]));
+                    peft_ops::dora_norm_back(wa, b, gram, dn2, *s, dwa, db, dgram);
+                }
+                Op::RsqrtMul => peft_ops::rsqrt_mul(read(i[0]), read(i[1]), write(o[0])),
+                Op::RsqrtMulBack => {
+                    let (dm, dn2) = (write(o[0]), write(o[1]));
+                    peft_ops::rsqrt_mul_back(read(i[0]), read(i[1]), read(i[2]), dm, dn2);
+                }
                 Op::Scale { s } => {
                     let (x, y) = (read(i[0]), write(o[0]));
                     y.par_iter_mut()

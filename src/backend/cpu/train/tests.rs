@@ -17,14 +17,25 @@ use std::collections::BTreeSet;
 
 /// Check `analytic` against central differences of the scalar `f` at `x`,
 /// on every element (or every `stride`-th).
-fn check_grad(
+pub(crate) fn check_grad(
     name: &str,
     x: &[f32],
     analytic: &[f32],
     stride: usize,
     f: &mut dyn FnMut(&[f32]) -> f64,
 ) {
-    let eps = 1e-2f32;
+    check_grad_eps(name, x, analytic, stride, 1e-2, f)
+}
+
+/// [`check_grad`] with steps of `eps`.
+pub(crate) fn check_grad_eps(
+    name: &str,
+    x: &[f32],
+    analytic: &[f32],
+    stride: usize,
+    eps: f32,
+    f: &mut dyn FnMut(&[f32]) -> f64,
+) {
     let mut worst = 0.0f64;
     for i in (0..x.len()).step_by(stride) {
         let mut xp = x.to_vec();

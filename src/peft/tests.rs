@@ -1,0 +1,287 @@
+//! Every method on tiny models: its gradients against finite differences
+//! (CPU, and the GPU where one opens), training lowers the loss, and the
+//! effects it leaves for inference reproduce the training graph's loss.
+
+use super::lora::LoraConfig;
+use super::{AdapterWeights, Method, MethodKind, MethodSpec, ParamMap, build};
+use crate::backend::Decoder;
+use crate::backend::cpu::CpuDecoder;
+use crate::backend::cpu::train::CpuStep;
+use crate::backend::cpu::train::tests::check_grad_eps;
+use crate::graph::testing::{inputs, tiny_batch};
+use crate::graph::{DecoderGraph, Graph, MemoryPlan, StepInputs, autodiff};
+use crate::model::Model;
+use crate::model::tiny::{Cfg, values, write_model};
+use crate::quant::GgmlType;
+use crate::train::optim::{AdamWConfig, AdamWState};
+
+/// A tiny model on disk.
+pub(crate) fn tiny(cfg: &Cfg) -> (tempfile::TempDir, Model) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_model(cfg, &path);
+    let model = Model::open(&path).unwrap();
+    (dir, model)
+}
+
+/// `kinds` at rank 2, alpha 4, on every target.
+pub(crate) fn method(kinds: &[MethodKind], model: &Model) -> Box<dyn Method> {
+    let spec = MethodSpec {
+        kinds: kinds.to_vec(),
+        ..MethodSpec::default()
+    };
+    let lora = LoraConfig {
+        rank: 2,
+        alpha: 4.0,
+        ..LoraConfig::default()
+    };
+    build(&spec, &lora, model).unwrap()
+}
+
+/// The method's graph for `batch × 8`, differentiated.
+fn graph(m: &dyn Method, model: &Model, batch: usize) -> Graph {
+    let mut g = DecoderGraph::build(model.spec(), batch, 8, m);
+    autodiff::differentiate(&mut g).unwrap();
+    g
+}
+
+/// Initial values moved off the start (where B = 0 or a scale = 1 would
+/// give other parameters no gradient) by up to `amount`, deterministically.
+/// PiSSA starts with every factor non-zero (the weights' principal
+/// directions), and moving its factors as far makes the loss curve enough
+/// within finite-difference steps to miss by 2%: it moves a tenth as far.
+pub(crate) fn moved(m: &dyn Method, g: &Graph, amount: f32) -> Vec<Vec<f32>> {
+    let amount = if m.name() == "pissa" {
+        amount / 10.0
+    } else {
+        amount
+    };
+    let mut ps = m.init(g, 3);
+    for (p, v) in g.params.iter().zip(ps.iter_mut()) {
+        let d = values(p.tensor as u64 + 11, v.len(), amount);
+        v.iter_mut().zip(d).for_each(|(v, d)| *v += d);
+    }
+    ps
+}
+
+const ALL_CASES: &[&[MethodKind]] = &[
+    &[MethodKind::Lora],
+    &[MethodKind::Dora],
+    &[MethodKind::Vera],
+    &[MethodKind::Pissa],
+    &[MethodKind::Loha],
+    &[MethodKind::Lokr],
+    &[MethodKind::Ia3],
+    &[MethodKind::Norm],
+    &[MethodKind::Dora, MethodKind::Ia3, MethodKind::Norm],
+];
+
+fn label(kinds: &[MethodKind]) -> String {
+    kinds.iter().map(|k| k.name()).collect::<Vec<_>>().join("+")
+}
+
+/// Every `every`-th parameter tensor of `g`, `per` elements each, against
+/// central differences of `loss` (the mean NLL at `params`).
+#[allow(clippy::too_many_arguments)]
+fn check_all(
+    what: &str,
+    g: &Graph,
+    params: &[Vec<f32>],
+    grads: &[Vec<f32>],
+    (every, per): (usize, usize),
+    loss: &mut dyn FnMut(&[Vec<f32>]) -> f64,
+) {
+    assert!(
+        grads.iter().all(|g| g.iter().any(|&v| v != 0.0)),
+        "{what}: a zero gradient"
+    );
+    for (pi, p) in g.params.iter().enumerate().step_by(every) {
+        let stride = (params[pi].len() / per).max(1);
+        let mut ps = params.to_vec();
+        let name = format!("{what}: {}", p.name);
+        check_grad_eps(&name, &params[pi], &grads[pi], stride, 1e-2, &mut |x| {
+            ps[pi].copy_from_slice(x);
+            loss(&ps)
+        });
+    }
+}
+
+fn cfgs() -> [Cfg; 2] {
+    let mut gemma = Cfg::gemma3(GgmlType::Q8_0, 3);
+    gemma.n_layer = 2;
+    [Cfg::llama(GgmlType::Q8_0, 2), gemma]
+}
+
+#[test]
+fn every_method_s_gradients_match_finite_differences_on_the_cpu() {
+    for cfg in cfgs() {
+        let (_dir, model) = tiny(&cfg);
+        let batch = tiny_batch(cfg.n_vocab as u32);
+        for kinds in ALL_CASES {
+            let what = format!("{} {}", cfg.arch, label(kinds));
+            let m = method(kinds, &model);
+            let g = graph(&*m, &model, 2);
+            let params = moved(&*m, &g, 0.2);
+            let mut step = CpuStep::new(&model, g.clone(), MemoryPlan::new(&g), 2).unwrap();
+            let (_, count) = step.run(&inputs(&batch, 1.0), &params).unwrap();
+            let scale = 1.0 / count as f32;
+            step.run(&inputs(&batch, scale), &params).unwrap();
+            let grads: Vec<Vec<f32>> = (0..g.params.len()).map(|i| step.grad(i).to_vec()).collect();
+            let mut fwd = CpuStep::new(&model, g.clone(), MemoryPlan::new(&g), 2).unwrap();
+            check_all(&what, &g, &params, &grads, (1, 4), &mut |ps| {
+                fwd.run(&inputs(&batch, scale), ps).unwrap().0 * f64::from(scale)
+            });
+        }
+    }
+}
+
+#[test]
+fn every_method_s_gradients_match_finite_differences_on_the_gpu() {
+    use crate::backend::gpu::GpuStep;
+    use crate::backend::gpu::testing;
+    let Some(ctx) = testing::context() else {
+        eprintln!("no GPU adapter: skipped");
+        return;
+    };
+    let cfg = Cfg::llama(GgmlType::Q8_0, 2);
+    let (_dir, model) = tiny(&cfg);
+    let batch = tiny_batch(cfg.n_vocab as u32);
+    for kinds in ALL_CASES {
+        let what = format!("gpu {}", label(kinds));
+        let m = method(kinds, &model);
+        let g = graph(&*m, &model, 2);
+        let params = moved(&*m, &g, 0.2);
+        let mut cpu = CpuStep::new(&model, g.clone(), MemoryPlan::new(&g), 2).unwrap();
+        let (_, count) = cpu.run(&inputs(&batch, 1.0), &params).unwrap();
+        let scale = 1.0 / count as f32;
+        let (cpu_sum, _) = cpu.run(&inputs(&batch, scale), &params).unwrap();
+        let mut gpu = GpuStep::new(ctx.clone(), &model, g.clone(), MemoryPlan::new(&g)).unwrap();
+        let (sum, _) = gpu.run(&inputs(&batch, scale), &params).unwrap();
+        assert!(
+            (sum - cpu_sum).abs() < 1e-4 * cpu_sum,
+            "{what}: loss {sum} vs cpu {cpu_sum}"
+        );
+        let grads: Vec<Vec<f32>> = (0..g.params.len()).map(|i| gpu.grad(i).unwrap()).collect();
+        for (i, (gg, cg)) in grads
+            .iter()
+            .zip((0..g.params.len()).map(|i| cpu.grad(i)))
+            .enumerate()
+        {
+            let range = cg.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            let worst = gg
+                .iter()
+                .zip(cg)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst <= 1e-3 * range,
+                "{what}: {}: gpu vs cpu {worst} of {range}",
+                g.params[i].name
+            );
+        }
+        // The GPU's own forward passes as the finite differences (a sample:
+        // a pass costs tens of milliseconds on a software driver).
+        check_all(&what, &g, &params, &grads, (3, 1), &mut |ps| {
+            gpu.run(&inputs(&batch, scale), ps).unwrap().0 * f64::from(scale)
+        });
+    }
+}
+
+#[test]
+fn training_every_method_lowers_the_loss() {
+    let cfg = Cfg::llama(GgmlType::Q8_0, 2);
+    let (_dir, model) = tiny(&cfg);
+    let batch = tiny_batch(cfg.n_vocab as u32);
+    for kinds in ALL_CASES {
+        let what = label(kinds);
+        let m = method(kinds, &model);
+        let g = graph(&*m, &model, 2);
+        let mut params = m.init(&g, 1);
+        let sizes: Vec<usize> = params.iter().map(Vec::len).collect();
+        let mut adam = AdamWState::new(&sizes);
+        let cfg = AdamWConfig {
+            weight_decay: 0.0,
+            ..AdamWConfig::default()
+        };
+        let mut step = CpuStep::new(&model, g.clone(), MemoryPlan::new(&g), 2).unwrap();
+        let mut losses = Vec::new();
+        for _ in 0..40 {
+            let (_, count) = step.run(&inputs(&batch, 1.0), &params).unwrap();
+            let (sum, _) = step
+                .run(&inputs(&batch, 1.0 / count as f32), &params)
+                .unwrap();
+            losses.push(sum / count as f64);
+            let grads: Vec<Vec<f32>> = (0..g.params.len()).map(|i| step.grad(i).to_vec()).collect();
+            let gs: Vec<&[f32]> = grads.iter().map(Vec::as_slice).collect();
+            let mut ps: Vec<&mut [f32]> = params.iter_mut().map(Vec::as_mut_slice).collect();
+            let lrs = vec![1e-2; gs.len()];
+            adam.step(&cfg, &mut ps, &gs, &lrs);
+        }
+        let (first, last) = (losses[0], *losses.last().unwrap());
+        assert!(last < 0.8 * first, "{what}: loss {first} → {last}");
+    }
+}
+
+/// The NLL of `tokens` (each predicting the next) by the CPU decoder with
+/// the method's effects at `params`, against the training graph's.
+#[test]
+fn every_method_s_inference_effects_reproduce_the_graph_s_loss() {
+    for cfg in cfgs() {
+        let (_dir, model) = tiny(&cfg);
+        let tokens: Vec<u32> = (0..8).map(|i| (i * 5 + 1) % cfg.n_vocab as u32).collect();
+        let mut targets: Vec<u32> = tokens[1..].to_vec();
+        targets.push(u32::MAX);
+        let positions: Vec<u32> = (0..8).collect();
+        let seg = vec![0u32; 8];
+        let inp = StepInputs {
+            tokens: &tokens,
+            targets: &targets,
+            positions: &positions,
+            seg_start: &seg,
+            loss_scale: 1.0,
+            seed: 0,
+        };
+        for kinds in ALL_CASES {
+            let what = format!("{} {}", cfg.arch, label(kinds));
+            let m = method(kinds, &model);
+            let g = graph(&*m, &model, 1);
+            let params = moved(&*m, &g, 1.0);
+            let mut step = CpuStep::new(&model, g.clone(), MemoryPlan::new(&g), 2).unwrap();
+            let (sum, _) = step.run(&inp, &params).unwrap();
+            let map: ParamMap = g
+                .params
+                .iter()
+                .zip(&params)
+                .map(|(p, v)| (p.name.clone(), v.clone()))
+                .collect();
+            let effects = m.effects(&map, &model).unwrap();
+            let adapter = AdapterWeights::from_effects(effects, 1.0).unwrap();
+            let mut dec = CpuDecoder::new(&model).unwrap();
+            let base: f64 = dec
+                .session(8)
+                .unwrap()
+                .forward_nll(&tokens[..7], &targets[..7])
+                .unwrap()
+                .iter()
+                .sum();
+            dec.add_adapter(std::sync::Arc::new(adapter));
+            let nll: f64 = dec
+                .session(8)
+                .unwrap()
+                .forward_nll(&tokens[..7], &targets[..7])
+                .unwrap()
+                .iter()
+                .sum();
+            eprintln!("{what}: graph {sum}, decoder {nll}, base {base}");
+            // Within a tenth of the adapter's own effect, which is at least 0.2%.
+            assert!(
+                (nll - base).abs() > 2e-3 * base,
+                "{what}: the adapter changes little ({nll} vs {base})"
+            );
+            assert!(
+                (sum - nll).abs() < 0.1 * (nll - base).abs(),
+                "{what}: graph {sum} vs decoder {nll}"
+            );
+        }
+    }
+}

@@ -1,0 +1,259 @@
+//! An adapter loaded for inference: per frozen tensor, the [`Effect`]s a
+//! trained method has there, applied by the CPU decoder around its frozen
+//! products and norms, in the order the training graph applied them.
+
+use super::Effect;
+use crate::backend::cpu::gemm::{Operand, matmul_into};
+use crate::backend::cpu::invariant;
+use crate::{Error, Result};
+use std::collections::HashMap;
+
+/// An adapter loaded for inference (LoRA, or any method's effects), keyed
+/// by the base tensor's name.
+#[derive(Debug, Clone, Default)]
+pub struct AdapterWeights {
+    by_base: HashMap<String, Vec<SiteEffect>>,
+}
+
+#[derive(Debug, Clone)]
+enum SiteEffect {
+    LowRank(LowRank),
+    Dense {
+        n_in: usize,
+        n_out: usize,
+        /// `(n_out, n_in)`.
+        delta: Vec<f32>,
+    },
+    OutScale(Vec<f32>),
+    InScale(Vec<f32>),
+    NormScale(Vec<f32>),
+}
+
+#[derive(Debug, Clone)]
+struct LowRank {
+    rank: usize,
+    n_in: usize,
+    n_out: usize,
+    /// `(rank, n_in)`, pre-multiplied by the scale.
+    a: Vec<f32>,
+    /// `(n_out, rank)`.
+    b: Vec<f32>,
+}
+
+impl SiteEffect {
+    fn is_additive(&self) -> bool {
+        matches!(self, SiteEffect::LowRank(_) | SiteEffect::Dense { .. })
+    }
+}
+
+/// `1 + strength·(v − 1)`: a scale at `strength` (1 as trained, 0 none).
+fn at_strength(v: Vec<f32>, strength: f32) -> Vec<f32> {
+    if strength == 1.0 {
+        return v;
+    }
+    v.into_iter().map(|x| 1.0 + strength * (x - 1.0)).collect()
+}
+
+impl AdapterWeights {
+    /// The pairs of a GGUF LoRA `file`, each scaled by the file's scale
+    /// times `strength` (1 for the adapter as trained). `check_base` has
+    /// verified names and shapes against the base model.
+    pub fn new(file: &crate::export::gguf_lora::LoraFile, strength: f32) -> AdapterWeights {
+        let s = file.scale() * strength;
+        let mut w = AdapterWeights::default();
+        for p in &file.pairs {
+            let low = LowRank {
+                rank: file.rank,
+                n_in: p.n_in,
+                n_out: p.n_out,
+                a: p.a.iter().map(|v| v * s).collect(),
+                b: p.b.clone(),
+            };
+            w.push(&p.base, SiteEffect::LowRank(low));
+        }
+        w
+    }
+
+    /// Effects (as a method's [`super::Method::effects`] or an adapter file
+    /// gives them) at `strength`: additive terms are multiplied by it,
+    /// scales moved from 1 by that fraction of their change.
+    pub fn from_effects(effects: Vec<(String, Effect)>, strength: f32) -> Result<AdapterWeights> {
+        let mut w = AdapterWeights::default();
+        for (base, e) in effects {
+            let bad = |m: String| Err(Error::Invalid(format!("adapter effect on {base}: {m}")));
+            let site = match e {
+                Effect::LowRank { rank, a, b } => {
+                    if rank == 0 || a.len() % rank != 0 || b.len() % rank != 0 {
+                        return bad(format!(
+                            "{} and {} values for rank {rank}",
+                            a.len(),
+                            b.len()
+                        ));
+                    }
+                    SiteEffect::LowRank(LowRank {
+                        rank,
+                        n_in: a.len() / rank,
+                        n_out: b.len() / rank,
+                        a: a.into_iter().map(|v| v * strength).collect(),
+                        b,
+                    })
+                }
+                Effect::Dense { rows, cols, delta } => {
+                    if delta.len() != rows * cols {
+                        return bad(format!("{} values for {rows} × {cols}", delta.len()));
+                    }
+                    let delta = delta.into_iter().map(|v| v * strength).collect();
+                    SiteEffect::Dense {
+                        n_in: cols,
+                        n_out: rows,
+                        delta,
+                    }
+                }
+                Effect::OutScale(v) => SiteEffect::OutScale(at_strength(v, strength)),
+                Effect::InScale(v) => SiteEffect::InScale(at_strength(v, strength)),
+                Effect::NormScale(v) => SiteEffect::NormScale(at_strength(v, strength)),
+            };
+            w.push(&base, site);
+        }
+        Ok(w)
+    }
+
+    fn push(&mut self, base: &str, e: SiteEffect) {
+        self.by_base.entry(base.to_string()).or_default().push(e);
+    }
+
+    /// Number of adapted tensors.
+    pub fn len(&self) -> usize {
+        self.by_base.len()
+    }
+
+    /// Whether no tensor is adapted.
+    pub fn is_empty(&self) -> bool {
+        self.by_base.is_empty()
+    }
+
+    /// Whether the base tensor named `base` is adapted.
+    pub fn adapts(&self, base: &str) -> bool {
+        self.by_base.contains_key(base)
+    }
+
+    /// Whether every effect only adds a term beside a frozen product (LoRA,
+    /// PiSSA, VeRA, LoHa, LoKr): what requests batched with others can use.
+    pub fn is_additive(&self) -> bool {
+        self.by_base.values().flatten().all(SiteEffect::is_additive)
+    }
+
+    /// The product of the input scales of `base`, if it has any.
+    pub fn in_scale(&self, base: &str) -> Option<Vec<f32>> {
+        let mut out: Option<Vec<f32>> = None;
+        for e in self.by_base.get(base)? {
+            if let SiteEffect::InScale(v) = e {
+                match &mut out {
+                    Some(o) => o.iter_mut().zip(v).for_each(|(o, v)| *o *= v),
+                    None => out = Some(v.clone()),
+                }
+            }
+        }
+        out
+    }
+
+    /// `x (n, width) ⊙= v` for each norm scale of the norm weight `base`.
+    pub fn apply_norm(&self, base: &str, x: &mut [f32]) {
+        for e in self.by_base.get(base).into_iter().flatten() {
+            if let SiteEffect::NormScale(v) = e {
+                scale_rows(x, v);
+            }
+        }
+    }
+
+    /// `out (n, n_out) += Δ(x (n, n_in))` of the additive effects of `base`.
+    pub fn apply(&self, base: &str, x: &[f32], out: &mut [f32]) {
+        self.apply_with(base, x, out, false)
+    }
+
+    /// [`AdapterWeights::apply`]; `invariant` computes each row's products
+    /// exactly as it would alone (see [`crate::backend::cpu::invariant`]).
+    pub fn apply_with(&self, base: &str, x: &[f32], out: &mut [f32], invariant: bool) {
+        for e in self.by_base.get(base).into_iter().flatten() {
+            add_term(e, x, out, invariant);
+        }
+    }
+
+    /// Every effect of `base` after its frozen product `out` of the (already
+    /// input-scaled) `x`, in order: additive terms added, output scales
+    /// multiplied.
+    pub fn apply_site(&self, base: &str, x: &[f32], out: &mut [f32], invariant: bool) {
+        for e in self.by_base.get(base).into_iter().flatten() {
+            match e {
+                SiteEffect::OutScale(v) => scale_rows(out, v),
+                e => add_term(e, x, out, invariant),
+            }
+        }
+    }
+}
+
+/// `x (n, k·m) ⊙= v (m)` row by row.
+fn scale_rows(x: &mut [f32], v: &[f32]) {
+    for row in x.chunks_exact_mut(v.len()) {
+        row.iter_mut().zip(v).for_each(|(x, v)| *x *= v);
+    }
+}
+
+/// `out += Δ(x)` for an additive effect (nothing for the others).
+fn add_term(e: &SiteEffect, x: &[f32], out: &mut [f32], invariant: bool) {
+    match e {
+        SiteEffect::LowRank(d) => {
+            let n = x.len() / d.n_in;
+            let mut h = vec![0.0; n * d.rank];
+            if invariant {
+                invariant::matmul_f32(x, &d.a, d.n_in, &mut h, false);
+                invariant::matmul_f32(&h, &d.b, d.rank, out, true);
+                return;
+            }
+            let a = Operand::new(&d.a, d.n_in).t();
+            matmul_into(
+                n,
+                d.rank,
+                d.n_in,
+                Operand::new(x, d.n_in),
+                a,
+                &mut h,
+                d.rank,
+                false,
+                1,
+            );
+            let b = Operand::new(&d.b, d.rank).t();
+            matmul_into(
+                n,
+                d.n_out,
+                d.rank,
+                Operand::new(&h, d.rank),
+                b,
+                out,
+                d.n_out,
+                true,
+                1,
+            );
+        }
+        SiteEffect::Dense { n_in, n_out, delta } => {
+            if invariant {
+                invariant::matmul_f32(x, delta, *n_in, out, true);
+                return;
+            }
+            let n = x.len() / n_in;
+            let d = Operand::new(delta, *n_in).t();
+            matmul_into(
+                n,
+                *n_out,
+                *n_in,
+                Operand::new(x, *n_in),
+                d,
+                out,
+                *n_out,
+                true,
+                1,
+            );
+        }
+        _ => {}
+    }
+}
