@@ -261,9 +261,8 @@ impl FromStr for AdapterSpec {
 impl AdapterSpec {
     /// Read the file and check it against `model`'s tensors; errors name the file.
     pub fn load(&self, model: &Model) -> Result<AdapterWeights, Error> {
-        let file = edgetune::export::load_adapter(&self.path, model)
-            .map_err(|e| Error::Invalid(format!("--adapter: {e}")))?;
-        Ok(AdapterWeights::new(&file, self.strength))
+        edgetune::export::load_adapter_weights(&self.path, model, self.strength)
+            .map_err(|e| Error::Invalid(format!("--adapter: {e}")))
     }
 }
 

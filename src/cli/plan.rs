@@ -5,7 +5,8 @@ use clap::{Args, ValueEnum};
 use edgetune::Error;
 use edgetune::graph::Target;
 use edgetune::model::Model;
-use edgetune::peft::lora::{LayerSelection, Lora, LoraConfig};
+use edgetune::peft::MethodSpec;
+use edgetune::peft::lora::{LayerSelection, LoraConfig};
 use edgetune::train::budget::{PlannedStep, StepShape, fit, fmt_bytes, parse_bytes};
 use edgetune::train::{MemoryReport, Optimizer, Recompute};
 use std::path::PathBuf;
@@ -13,10 +14,19 @@ use std::path::PathBuf;
 /// The adapter being trained: method and LoRA hyper-parameters.
 #[derive(Args, Clone, Debug)]
 pub struct LoraArgs {
-    /// Fine-tuning method (only lora is available for now).
-    #[arg(long, value_name = "METHOD", default_value = "lora")]
+    /// Fine-tuning method, or several comma-separated (a hybrid): lora,
+    /// dora, vera, pissa, loha, lokr (each rewrites the adapted linears; one
+    /// per run), ia3, norm.
+    #[arg(long, value_name = "METHOD[,METHOD…]", default_value = "lora")]
     pub method: String,
-    /// LoRA rank r.
+    /// (IA)³: projections to rescale (the FFN's down projection at its
+    /// input, the others at their output).
+    #[arg(long, value_name = "LIST", value_delimiter = ',', default_value = "k,v,down", value_parser = parse_target)]
+    pub ia3_targets: Vec<TargetArg>,
+    /// VeRA: initial value of the scaling vector d.
+    #[arg(long, value_name = "D", default_value_t = 0.1)]
+    pub vera_d_init: f32,
+    /// Rank r of the low-rank methods (LoRA, DoRA, VeRA, PiSSA, LoHa, LoKr).
     #[arg(long, value_name = "R", default_value_t = 8)]
     pub rank: usize,
     /// LoRA scale numerator α (the update is scaled by α/r).
@@ -76,27 +86,39 @@ fn parse_layers(s: &str) -> Result<LayerSelection, String> {
     }
 }
 
-impl LoraArgs {
-    /// The LoRA configuration these options describe.
-    pub fn config(&self) -> Result<LoraConfig, Error> {
-        if !self.method.eq_ignore_ascii_case("lora") {
-            return Err(Error::Invalid(format!(
-                "--method {}: not yet supported; only lora is available for now",
-                self.method
-            )));
-        }
-        let mut targets = Vec::new();
-        for t in &self.targets {
-            let add: &[Target] = match t {
-                TargetArg::All => &Target::ALL,
-                TargetArg::One(t) => std::slice::from_ref(t),
-            };
-            for t in add {
-                if !targets.contains(t) {
-                    targets.push(*t);
-                }
+/// The projections of a `--targets`-style list, each once.
+fn targets(list: &[TargetArg]) -> Vec<Target> {
+    let mut targets = Vec::new();
+    for t in list {
+        let add: &[Target] = match t {
+            TargetArg::All => &Target::ALL,
+            TargetArg::One(t) => std::slice::from_ref(t),
+        };
+        for t in add {
+            if !targets.contains(t) {
+                targets.push(*t);
             }
         }
+    }
+    targets
+}
+
+impl LoraArgs {
+    /// The methods these options name, with their own settings.
+    pub fn method_spec(&self) -> Result<MethodSpec, Error> {
+        let spec = MethodSpec {
+            kinds: MethodSpec::parse_kinds(&self.method)?,
+            vera_d_init: self.vera_d_init,
+            ia3_targets: targets(&self.ia3_targets),
+            ..MethodSpec::default()
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The low-rank configuration these options describe.
+    pub fn config(&self) -> Result<LoraConfig, Error> {
+        let targets = targets(&self.targets);
         Ok(LoraConfig {
             rank: self.rank,
             alpha: self.alpha,
@@ -221,11 +243,11 @@ pub struct PlanArgs {
 pub fn run(a: PlanArgs) -> Result<(), Error> {
     let model = Model::open(model_path(a.model.as_deref())?)?;
     let spec = model.spec();
-    let lora = Lora::new(a.lora.config()?, spec.layers.len())?;
+    let method = edgetune::peft::build(&a.lora.method_spec()?, &a.lora.config()?, &model)?;
     let shape = StepShape {
         zeroth_order: a.optim.optimizer == OptimizerArg::Mezo,
         spec,
-        method: &lora,
+        method: &*method,
         seq: a.step.seq,
         threads: a.step.threads(),
         data_bytes: 0,

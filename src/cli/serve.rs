@@ -4,7 +4,7 @@ use super::{AdapterSpec, interrupted, model_path, print_json};
 use clap::Args;
 use edgetune::Error;
 use edgetune::backend::cpu::{CpuDecoder, CpuOptions, MatvecMode};
-use edgetune::export::{adapter_name, find_adapters, load_adapter};
+use edgetune::export::{adapter_name, find_adapters, load_adapter_weights};
 use edgetune::infer::BatchOptions;
 use edgetune::model::Model;
 use edgetune::peft::AdapterWeights;
@@ -88,8 +88,13 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
     let mut adapters: Vec<(String, Arc<AdapterWeights>)> = Vec::new();
     if let Some(dir) = &a.adapters {
         for (p, _) in find_adapters(dir)? {
-            match load_adapter(&p, &model) {
-                Ok(f) => adapters.push((adapter_name(&p), Arc::new(AdapterWeights::new(&f, 1.0)))),
+            match load_adapter_weights(&p, &model, 1.0) {
+                Ok(w) if !w.is_additive() => eprintln!(
+                    "skipping {}: it rescales activations, which batched requests cannot share \
+                     (merge it into the model to serve it)",
+                    p.display()
+                ),
+                Ok(w) => adapters.push((adapter_name(&p), Arc::new(w))),
                 // Folders of adapters often hold some for other models.
                 Err(e) => eprintln!("skipping {}: {e}", p.display()),
             }
@@ -97,9 +102,17 @@ pub fn run(a: ServeArgs) -> Result<(), Error> {
     }
     for s in &a.adapter {
         let (name, spec) = parse_named(s)?;
-        let f = load_adapter(&spec.path, &model)?;
+        let w = load_adapter_weights(&spec.path, &model, spec.strength)?;
+        if !w.is_additive() {
+            return Err(Error::Invalid(format!(
+                "--adapter {}: it rescales activations (DoRA, (IA)³ or norm tuning), which \
+                 batched requests cannot share; merge it into the model (`edgetune merge`) to \
+                 serve it",
+                spec.path.display()
+            )));
+        }
         let name = name.unwrap_or_else(|| adapter_name(&spec.path));
-        adapters.push((name, Arc::new(AdapterWeights::new(&f, spec.strength))));
+        adapters.push((name, Arc::new(w)));
     }
     let decoder = CpuDecoder::with_options(
         &model,

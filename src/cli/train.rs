@@ -108,6 +108,7 @@ pub struct TrainArgs {
 impl TrainArgs {
     fn config(&self) -> Result<TrainConfig, Error> {
         Ok(TrainConfig {
+            method: self.lora.method_spec()?,
             lora: self.lora.config()?,
             lr: self.lr,
             schedule: self.schedule,

@@ -401,7 +401,7 @@ pub fn read(path: &Path) -> Result<LoraFile> {
 }
 
 /// A tensor's values as f32, checked finite.
-fn decode(g: &GgufFile, t: &TensorInfo) -> Result<Vec<f32>, String> {
+pub(crate) fn decode(g: &GgufFile, t: &TensorInfo) -> Result<Vec<f32>, String> {
     // The reader bounded n_elements by the file size, so it fits in memory.
     let mut out = vec![0.0f32; t.n_elements() as usize];
     crate::quant::dequantize_row(t.ty, g.tensor_data(t), &mut out)

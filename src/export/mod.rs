@@ -3,9 +3,11 @@
 
 pub mod gguf_lora;
 pub mod merge;
+pub mod method_file;
 pub mod peft;
 
 use crate::model::Model;
+use crate::peft::AdapterWeights;
 use crate::{Error, Result};
 use gguf_lora::LoraFile;
 use std::path::{Path, PathBuf};
@@ -50,8 +52,22 @@ pub fn load_adapter(path: &Path, model: &Model) -> Result<LoraFile> {
     Ok(file)
 }
 
+/// Read an adapter of any method, in any format, for `model`: the
+/// inference weights at `strength` (1 as trained). A GGUF LoRA or PEFT
+/// LoRA is read as [`load_adapter`] does; a method file
+/// ([`method_file`]) is rebuilt into its method's effects.
+pub fn load_adapter_weights(path: &Path, model: &Model, strength: f32) -> Result<AdapterWeights> {
+    if !path.is_dir() && method_file::is_method_file(path) {
+        let f = method_file::read(path)?;
+        let effects = method_file::effects(&f, model, path)?;
+        return AdapterWeights::from_effects(effects, strength);
+    }
+    let file = load_adapter(path, model)?;
+    Ok(AdapterWeights::new(&file, strength))
+}
+
 /// The adapters in `dir` (not its subfolders' contents), sorted by path:
-/// `.gguf` files that read as GGUF LoRA adapters (a base model or any other
+/// `.gguf` files that read as GGUF LoRA or method adapters (a base model or any other
 /// GGUF is passed over), and PEFT directories.
 pub fn find_adapters(dir: &Path) -> Result<Vec<(PathBuf, AdapterFormat)>> {
     let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
@@ -65,7 +81,7 @@ pub fn find_adapters(dir: &Path) -> Result<Vec<(PathBuf, AdapterFormat)>> {
             AdapterFormat::Peft => Some((path, AdapterFormat::Peft)),
             AdapterFormat::Gguf
                 if path.extension().is_some_and(|e| e == "gguf")
-                    && gguf_lora::read(&path).is_ok() =>
+                    && (gguf_lora::read(&path).is_ok() || method_file::is_method_file(&path)) =>
             {
                 Some((path, AdapterFormat::Gguf))
             }

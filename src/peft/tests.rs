@@ -285,3 +285,61 @@ fn every_method_s_inference_effects_reproduce_the_graph_s_loss() {
         }
     }
 }
+
+#[test]
+fn every_method_s_saved_adapter_reloads_to_identical_outputs() {
+    use crate::train::TrainConfig;
+    use crate::train::adapter::{AdapterMeta, write_adapter};
+    let cfg = Cfg::llama(GgmlType::Q8_0, 2);
+    let (dir, model) = tiny(&cfg);
+    let tokens: Vec<u32> = (0..8).map(|i| (i * 5 + 1) % cfg.n_vocab as u32).collect();
+    for kinds in ALL_CASES {
+        let what = label(kinds);
+        let m = method(kinds, &model);
+        let g = graph(&*m, &model, 1);
+        let params = moved(&*m, &g, 1.0);
+        let names: Vec<String> = g.params.iter().map(|p| p.name.clone()).collect();
+        let map: ParamMap = names.iter().cloned().zip(params.iter().cloned()).collect();
+        let logits = |a: AdapterWeights| {
+            let mut dec = CpuDecoder::new(&model).unwrap();
+            dec.add_adapter(std::sync::Arc::new(a));
+            let mut s = dec.session(8).unwrap();
+            s.forward(&tokens, crate::backend::Logits::All).unwrap()
+        };
+        let want =
+            logits(AdapterWeights::from_effects(m.effects(&map, &model).unwrap(), 1.0).unwrap());
+        let config = TrainConfig {
+            method: MethodSpec {
+                kinds: kinds.to_vec(),
+                ..MethodSpec::default()
+            },
+            lora: LoraConfig {
+                rank: 2,
+                alpha: 4.0,
+                ..LoraConfig::default()
+            },
+            ..TrainConfig::default()
+        };
+        let meta = AdapterMeta {
+            config: &config,
+            steps: 1,
+            base: model.file().path(),
+        };
+        let path = dir.path().join(format!("{what}.gguf"));
+        write_adapter(&path, &model, &*m, &names, &params, &meta).unwrap();
+        let loaded = crate::export::load_adapter_weights(&path, &model, 1.0).unwrap();
+        let got = logits(loaded);
+        let same = got
+            .iter()
+            .zip(&want)
+            .all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "{what}: the reloaded adapter gives other logits");
+        // LoRA and PiSSA are GGUF LoRA files llama.cpp loads; the others not.
+        let lora_file = crate::export::gguf_lora::read(&path).is_ok();
+        let low_rank_only = matches!(kinds, [MethodKind::Lora] | [MethodKind::Pissa]);
+        assert_eq!(
+            lora_file, low_rank_only,
+            "{what}: written as GGUF LoRA: {lora_file}"
+        );
+    }
+}

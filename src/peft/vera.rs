@@ -79,7 +79,6 @@ impl Vera {
     pub fn b_slice(&self, rows: usize) -> Vec<f32> {
         self.b[..rows * self.config.rank].to_vec()
     }
-
 }
 
 impl GraphHook for Vera {

@@ -158,7 +158,9 @@ pub fn plan_step(
     let loss_partials = 4 * 8 * (chunk * s.spec.n_embd as u64 + 256 * s.spec.n_embd as u64);
     let report = MemoryReport {
         weights: weight_bytes(s.spec),
-        adapter: 4 * n_params * copies,
+        // The method's constants (VeRA's projections, PiSSA's frozen
+        // correction, DoRA's row norms) once.
+        adapter: 4 * n_params * copies + graph.const_bytes(),
         activations: plan.arena_bytes(),
         workspace: workspace_bytes(&graph, s.spec.n_vocab) + threads * per_thread + loss_partials,
         runtime: RUNTIME_BYTES + s.data_bytes,

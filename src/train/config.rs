@@ -3,6 +3,7 @@
 use super::budget::Recompute;
 use super::optim::AdamWConfig;
 use super::schedule::ScheduleKind;
+use crate::peft::MethodSpec;
 use crate::peft::lora::LoraConfig;
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -33,7 +34,10 @@ pub enum Optimizer {
 /// run continues with exactly the same settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TrainConfig {
-    /// The LoRA adapter.
+    /// The PEFT method(s) trained.
+    pub method: MethodSpec,
+    /// Rank, alpha, targets and layers of the low-rank methods (and the
+    /// layers of the others).
     pub lora: LoraConfig,
     /// Peak learning rate.
     pub lr: f32,
@@ -78,6 +82,7 @@ pub struct TrainConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         TrainConfig {
+            method: MethodSpec::default(),
             lora: LoraConfig::default(),
             lr: 2e-4,
             schedule: ScheduleKind::Cosine,
@@ -105,6 +110,7 @@ impl Default for TrainConfig {
 impl TrainConfig {
     /// Check the values a user can get wrong, naming the option.
     pub fn validate(&self) -> Result<()> {
+        self.method.validate()?;
         let bad = |m: String| Err(Error::Invalid(m));
         if !self.lr.is_finite() || self.lr <= 0.0 {
             return bad(format!("--lr must be positive, got {}", self.lr));

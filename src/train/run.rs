@@ -1,6 +1,6 @@
 //! The training loop: data → planned steps → AdamW → checkpoints → adapter.
 
-use super::adapter::{AdapterMeta, to_lora_file};
+use super::adapter::AdapterMeta;
 use super::budget::{MemoryReport, PlannedStep, StepShape, fit, plan_step};
 use super::config::{Duration, Optimizer, TrainConfig};
 use super::mezo::{MezoConfig, mezo_step};
@@ -12,7 +12,6 @@ use crate::data::{self, Batch, DataOptions, Dataset, Packer, PackerState};
 use crate::graph::{DecoderGraph, MemoryPlan, StepInputs};
 use crate::model::Model;
 use crate::peft::Method;
-use crate::peft::lora::Lora;
 use crate::tokenizer::{ChatTemplate, Tokenizer};
 use crate::{Error, Result};
 use serde::{Deserialize, Serialize};
@@ -228,14 +227,14 @@ fn load_data(req: &TrainRequest, cfg: &TrainConfig) -> Result<(Dataset, Dataset)
 /// Mean held-out loss of `params`.
 fn evaluate(
     model: &Model,
-    lora: &Lora,
+    method: &dyn Method,
     eval: &Dataset,
     micro: usize,
     seq: usize,
     device: (&super::TrainDevice, usize),
     params: &[Vec<f32>],
 ) -> Result<f32> {
-    let g = DecoderGraph::build(model.spec(), micro, seq, lora);
+    let g = DecoderGraph::build(model.spec(), micro, seq, method);
     let plan = MemoryPlan::new(&g);
     let mut step = device.0.step(model, g, plan, device.1)?;
     let (mut sum, mut count) = (0.0, 0);
@@ -251,7 +250,7 @@ fn evaluate(
     })
 }
 
-/// Train a LoRA adapter as `req` says, reporting through `progress`
+/// Train an adapter as `req` says, reporting through `progress`
 /// (return `Break` to stop: the run is checkpointed and can be resumed).
 pub fn train(
     req: &TrainRequest,
@@ -283,7 +282,8 @@ pub fn train(
     let threads = crate::backend::cpu::resolve_threads(req.threads);
     cfg.validate()?;
     let spec = req.model.spec();
-    let lora = Lora::new(cfg.lora.clone(), spec.layers.len())?;
+    let method = crate::peft::build(&cfg.method, &cfg.lora, req.model)?;
+    let method: &dyn Method = &*method;
     let mezo = match cfg.optimizer {
         Optimizer::AdamW => None,
         Optimizer::Mezo { eps } => Some(MezoConfig {
@@ -312,7 +312,7 @@ pub fn train(
     }
     let shape = StepShape {
         spec,
-        method: &lora,
+        method,
         seq: cfg.seq,
         threads,
         data_bytes: ((train_ds.tokens() + eval_ds.tokens()) * 5) as u64,
@@ -354,7 +354,7 @@ pub fn train(
     };
     let names: Vec<String> = graph.params.iter().map(|p| p.name.clone()).collect();
     let sizes: Vec<usize> = graph.params.iter().map(|p| p.shape.numel()).collect();
-    let lr_mult: Vec<f32> = names.iter().map(|n| lora.lr_multiplier(n)).collect();
+    let lr_mult: Vec<f32> = names.iter().map(|n| method.lr_multiplier(n)).collect();
     let mut st = match resumed {
         Some(c) => {
             if c.param_names != names {
@@ -375,7 +375,7 @@ pub fn train(
             total_steps,
             step: 0,
             param_names: names.clone(),
-            params: lora.init(&graph, cfg.seed),
+            params: method.init(&graph, cfg.seed),
             // MeZO keeps no moments.
             adam: AdamWState::new(if mezo.is_some() { &[] } else { &sizes }),
             packer: packer.state(),
@@ -424,7 +424,7 @@ pub fn train(
     let eval = |params: &[Vec<f32>]| {
         evaluate(
             req.model,
-            &lora,
+            method,
             &eval_ds,
             micro,
             cfg.seq,
@@ -615,8 +615,14 @@ pub fn train(
         steps: st.step,
         base: req.model.file().path(),
     };
-    let file = to_lora_file(spec, &lora, &names, &final_params, &meta)?;
-    crate::export::gguf_lora::write(&adapter_path, &file, false)?;
+    super::adapter::write_adapter(
+        &adapter_path,
+        req.model,
+        method,
+        &names,
+        &final_params,
+        &meta,
+    )?;
     save(&mut st, &packer)?;
     let seconds = step_seconds;
     let summary = TrainSummary {
@@ -637,7 +643,7 @@ pub fn train(
     if let Some(l) = st.eval_before {
         eval_pts.insert(0, (0, l));
     }
-    let title = format!("LoRA r={} on {}", cfg.lora.rank, spec.arch);
+    let title = format!("{} on {}", super::adapter::describe(&cfg), spec.arch);
     let svg = plot::loss_curve_svg(&title, &st.train_history, &eval_pts);
     checkpoint::write_atomic(&req.out.join(CURVE_FILE), svg.as_bytes())?;
     let json = serde_json::to_vec_pretty(&summary).map_err(|e| Error::Invalid(e.to_string()))?;
