@@ -5,6 +5,7 @@ pub mod gguf_lora;
 pub mod merge;
 pub mod method_file;
 pub mod peft;
+pub mod peft_methods;
 
 use crate::model::Model;
 use crate::peft::AdapterWeights;
@@ -61,6 +62,16 @@ pub fn load_adapter_weights(path: &Path, model: &Model, strength: f32) -> Result
         let f = method_file::read(path)?;
         let effects = method_file::effects(&f, model, path)?;
         return AdapterWeights::from_effects(effects, strength);
+    }
+    if AdapterFormat::detect(path) == AdapterFormat::Peft {
+        let cfg_path = path.join(peft::CONFIG_FILE);
+        let text = std::fs::read_to_string(&cfg_path).map_err(|e| Error::io(&cfg_path, e))?;
+        let cfg: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", cfg_path.display())))?;
+        if peft_methods::is_method_dir(&cfg) {
+            let effects = peft_methods::read_effects(path, &cfg, model)?;
+            return AdapterWeights::from_effects(effects, strength);
+        }
     }
     let file = load_adapter(path, model)?;
     Ok(AdapterWeights::new(&file, strength))

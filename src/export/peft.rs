@@ -44,7 +44,7 @@ pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
 
 /// GGUF projection name and transformers module path, per target.
-const MODULES: [(&str, &str); 7] = [
+pub(super) const MODULES: [(&str, &str); 7] = [
     ("attn_q", "self_attn.q_proj"),
     ("attn_k", "self_attn.k_proj"),
     ("attn_v", "self_attn.v_proj"),
@@ -55,7 +55,7 @@ const MODULES: [(&str, &str); 7] = [
 ];
 
 /// Prefix of every LoRA tensor key PEFT saves for a causal LM.
-const KEY_PREFIX: &str = "base_model.model.model.layers.";
+pub(super) const KEY_PREFIX: &str = "base_model.model.model.layers.";
 
 /// What the name and row mapping needs to know about the base model.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -91,7 +91,7 @@ impl HfLayout {
     }
 
     /// Heads whose rows llama.cpp permuted in GGUF tensor `proj`, if any.
-    fn permuted_heads(&self, proj: &str) -> Option<usize> {
+    pub(super) fn permuted_heads(&self, proj: &str) -> Option<usize> {
         match (self.arch.as_str(), proj) {
             ("llama", "attn_q") => Some(self.n_head),
             ("llama", "attn_k") => Some(self.n_head_kv),
@@ -102,7 +102,7 @@ impl HfLayout {
 
 /// GGUF row `i` of a permuted projection with `heads` heads of `n / heads`
 /// rows: the transformers row it came from.
-fn hf_row(i: usize, n: usize, heads: usize) -> usize {
+pub(super) fn hf_row(i: usize, n: usize, heads: usize) -> usize {
     let d = n / heads;
     let (h, within) = (i / d, i % d);
     let (j, s) = (within / 2, within % 2);
@@ -110,7 +110,7 @@ fn hf_row(i: usize, n: usize, heads: usize) -> usize {
 }
 
 /// `b (n_out × r)` with its rows reordered: `out[i] = b[from(i)]`.
-fn reorder_rows(b: &[f32], r: usize, from: impl Fn(usize) -> usize) -> Vec<f32> {
+pub(super) fn reorder_rows(b: &[f32], r: usize, from: impl Fn(usize) -> usize) -> Vec<f32> {
     let n = b.len() / r;
     let mut out = vec![0.0; b.len()];
     for i in 0..n {
@@ -148,7 +148,7 @@ fn parse_key(key: &str) -> Option<(usize, &'static str, bool)> {
 }
 
 /// Decode a tensor's values to f32 (F32, F16 and BF16).
-fn values(t: &TensorView, key: &str, file: &Path) -> Result<Vec<f32>> {
+pub(super) fn values(t: &TensorView, key: &str, file: &Path) -> Result<Vec<f32>> {
     let data = t.data();
     let bad = |msg: String| Error::Invalid(format!("{}: tensor '{key}': {msg}", file.display()));
     let v: Vec<f32> = match t.dtype() {
