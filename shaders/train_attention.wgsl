@@ -5,8 +5,10 @@
 //
 // Tokens are `batch` rows of `seq`; token r = b·seq + t. Query t sees the
 // keys j of its row with lo ≤ j ≤ t, lo = max(seg_start[r], t + 1 − window)
-// (the CPU's Rows::lo, src/backend/cpu/train/attention.rs). Head h reads
-// key/value head h / (n_head / n_kv_head) (GQA).
+// (the CPU's Rows::lo, src/backend/cpu/train/attention.rs), and the row's
+// first `sink` keys (prompt and prefix tuning's virtual tokens) below lo:
+// keys are taken by index i over the ns = min(sink, lo) sink keys then
+// lo..=t. Head h reads key/value head h / (n_head / n_kv_head) (GQA).
 //
 // Entry points, all with workgroups of WG = 64, one workgroup per item
 // (linear workgroup id wid.x + wid.y * nwg.x), keys or queries taken in
@@ -43,7 +45,8 @@ struct Params {
     x6_off: u32,
     x7_off: u32,
     x8_off: u32,
-    _pad0: u32,
+    // Virtual tokens at the start of each row, seen by every query.
+    sink: u32,
     _pad1: u32,
 }
 
@@ -84,6 +87,11 @@ fn first_key(r: u32, t: u32) -> u32 {
     return min(lo, t);
 }
 
+// Key i of a query whose keys are ns sink keys then lo, lo + 1, ….
+fn key_at(i: u32, ns: u32, lo: u32) -> u32 {
+    return select(lo + i - ns, i, i < ns);
+}
+
 // Σ_c a[ao + c] · shared[c] over the head (shared: qs or os).
 fn dot_q(ao: u32) -> f32 {
     var s = 0.0;
@@ -118,14 +126,16 @@ fn attention(
         bound = first_key(r, t);
     }
     let lo = workgroupUniformLoad(&bound);
+    let ns = min(params.sink, lo);
+    let total = ns + t + 1u - lo;
     var m = NEG;
     var l = 0.0;
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
-    for (var j0 = lo; j0 <= t; j0 += WG) {
-        let nb = min(WG, t + 1u - j0);
-        let j = j0 + li;
+    for (var i0 = 0u; i0 < total; i0 += WG) {
+        let nb = min(WG, total - i0);
         var s = NEG;
         if li < nb {
+            let j = key_at(i0 + li, ns, lo);
             s = dot_q(params.k_off + (row0 + j) * kvd + kvh * d) * params.scale;
         }
         ss[li] = s;
@@ -147,9 +157,9 @@ fn attention(
             let c = li + e * WG;
             if c < d {
                 var a = acc[e] * corr;
-                let vo = params.v_off + (row0 + j0) * kvd + kvh * d + c;
+                let vo = params.v_off + row0 * kvd + kvh * d + c;
                 for (var jj = 0u; jj < nb; jj++) {
-                    a += ps[jj] * v[vo + jj * kvd];
+                    a += ps[jj] * v[vo + key_at(i0 + jj, ns, lo) * kvd];
                 }
                 acc[e] = a;
             }
@@ -197,12 +207,14 @@ fn attention_back_dq(
     }
     // (Also orders the reads of lse and D before any write of dq.)
     let lo = workgroupUniformLoad(&bound);
+    let ns = min(params.sink, lo);
+    let total = ns + t + 1u - lo;
     var acc = array<f32, 4>(0.0, 0.0, 0.0, 0.0);
-    for (var j0 = lo; j0 <= t; j0 += WG) {
-        let nb = min(WG, t + 1u - j0);
+    for (var i0 = 0u; i0 < total; i0 += WG) {
+        let nb = min(WG, total - i0);
         var g = 0.0;
         if li < nb {
-            let kr = (row0 + j0 + li) * kvd + kvh * d;
+            let kr = (row0 + key_at(i0 + li, ns, lo)) * kvd + kvh * d;
             let p = exp(dot_q(params.k_off + kr) * params.scale - lse);
             var dp = 0.0;
             for (var c = 0u; c < d; c++) {
@@ -216,9 +228,9 @@ fn attention_back_dq(
             let c = li + e * WG;
             if c < d {
                 var a = acc[e];
-                let ko = params.k_off + (row0 + j0) * kvd + kvh * d + c;
+                let ko = params.k_off + row0 * kvd + kvh * d + c;
                 for (var jj = 0u; jj < nb; jj++) {
-                    a += ds[jj] * k[ko + jj * kvd];
+                    a += ds[jj] * k[ko + key_at(i0 + jj, ns, lo) * kvd];
                 }
                 acc[e] = a;
             }
@@ -265,6 +277,10 @@ fn attention_back_dkv(
             end = min(end, j + params.window);
         }
         var t = j + 1u;
+        if j < params.sink {
+            // Every later query of the row sees a sink key.
+            t = end;
+        }
         while t < end && seg_start[row0 + t] <= j {
             t++;
         }

@@ -11,6 +11,10 @@
 //     dora_back_wa:    t3 (r, out) from b (t1), dn2 (t2)
 //     dora_back_b:     t5 (out, r) from wa, b, gram, dn2 (t1..t4)
 //     dora_back_gram:  t3 (r, r) from b (t1), dn2 (t2)
+//     prefix_rows:     t3 = t1 with rows 0..n of each sequence = t2 (n, c)
+//                      (d0 = seq, d1 = n, d2 = c)
+//     prefix_back_x:   t2 = t1 (dy) with those rows zeroed
+//     prefix_back_p:   t2 (n, c) = Σ_b rows 0..n of sequence b of t1 (d3 = batch)
 //     rsqrt_mul:       t3 = t1 / √t2
 //     rsqrt_mul_back:  t4 = t3 / √t2, t5 = −½·t3·t1·t2^(−3/2)  (t3 = dy)
 //
@@ -256,6 +260,57 @@ fn dora_back_gram(
         acc += t2[params.o2 + i] * t1[params.o1 + i * r + k] * t1[params.o1 + i * r + l];
     }
     t3[params.o3 + e] = params.s * params.s * acc;
+}
+
+@compute @workgroup_size(WG)
+fn prefix_rows(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = linear_id(wid, nwg, lid);
+    if e >= params.count {
+        return;
+    }
+    let c = params.d2;
+    let t = (e / c) % params.d0;
+    if t < params.d1 {
+        t3[params.o3 + e] = t2[params.o2 + t * c + e % c];
+    } else {
+        t3[params.o3 + e] = t1[params.o1 + e];
+    }
+}
+
+@compute @workgroup_size(WG)
+fn prefix_back_x(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = linear_id(wid, nwg, lid);
+    if e >= params.count {
+        return;
+    }
+    let t = (e / params.d2) % params.d0;
+    t2[params.o2 + e] = select(t1[params.o1 + e], 0.0, t < params.d1);
+}
+
+@compute @workgroup_size(WG)
+fn prefix_back_p(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+) {
+    let e = linear_id(wid, nwg, lid);
+    if e >= params.count {
+        return;
+    }
+    let row = params.d0 * params.d2;
+    var acc = 0.0;
+    for (var b = 0u; b < params.d3; b++) {
+        acc += t1[params.o1 + b * row + e];
+    }
+    t2[params.o2 + e] = acc;
 }
 
 @compute @workgroup_size(WG)

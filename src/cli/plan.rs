@@ -248,7 +248,7 @@ pub fn run(a: PlanArgs) -> Result<(), Error> {
         zeroth_order: a.optim.optimizer == OptimizerArg::Mezo,
         spec,
         method: &*method,
-        seq: a.step.seq,
+        seq: edgetune::train::graph_seq(spec, &*method, a.step.seq)?,
         threads: a.step.threads(),
         data_bytes: 0,
         keep_best: false,

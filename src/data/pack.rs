@@ -36,6 +36,39 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The batch with `n` virtual tokens (prompt or prefix tuning) before
+    /// every row: token 0 at positions `0..n`, no targets, their own
+    /// segment; the row's tokens follow at positions `n…`, their segment
+    /// starts moved by `n`.
+    pub fn with_virtual(&self, n: usize) -> Batch {
+        if n == 0 {
+            return self.clone();
+        }
+        let seq = self.seq + n;
+        let mut out = Batch {
+            batch: self.batch,
+            seq,
+            tokens: Vec::with_capacity(self.batch * seq),
+            targets: Vec::with_capacity(self.batch * seq),
+            positions: Vec::with_capacity(self.batch * seq),
+            seg_start: Vec::with_capacity(self.batch * seq),
+        };
+        for r in 0..self.batch {
+            let row = r * self.seq..(r + 1) * self.seq;
+            out.tokens.extend(std::iter::repeat_n(0, n));
+            out.targets.extend(std::iter::repeat_n(IGNORE, n));
+            out.positions.extend(0..n as u32);
+            out.seg_start.extend(std::iter::repeat_n(0, n));
+            out.tokens.extend_from_slice(&self.tokens[row.clone()]);
+            out.targets.extend_from_slice(&self.targets[row.clone()]);
+            out.positions
+                .extend(self.positions[row.clone()].iter().map(|p| p + n as u32));
+            out.seg_start
+                .extend(self.seg_start[row].iter().map(|s| s + n as u32));
+        }
+        out
+    }
+
     /// A batch of padding only.
     fn padding(batch: usize, seq: usize, pad: u32) -> Batch {
         let n = batch * seq;

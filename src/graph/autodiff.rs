@@ -193,6 +193,20 @@ pub fn differentiate(g: &mut Graph) -> Result<()> {
                     }
                 }
             }
+            Op::PrefixRows { n, seq } => {
+                if needs(0) || needs(1) {
+                    let outs = [(name(g, 0), shape_of(g, 0)), (name(g, 1), shape_of(g, 1))];
+                    let outs: Vec<(&str, Shape)> =
+                        outs.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+                    let op = Op::PrefixRowsBack { n: *n, seq: *seq };
+                    let d = emit(g, op, &[dy], &outs);
+                    for (i, &t) in d.iter().enumerate() {
+                        if needs(i) {
+                            contrib.push((i, t));
+                        }
+                    }
+                }
+            }
             Op::AddScaled { s } => {
                 if needs(0) {
                     contrib.push((0, dy));

@@ -142,6 +142,31 @@ pub trait GraphHook {
         let _ = (g, site);
         y
     }
+
+    /// Virtual tokens the method puts at the start of every row (prompt
+    /// and prefix tuning): the first `n` positions of each row are theirs,
+    /// and every query sees them ([`AttnGeom::sink`]).
+    fn virtual_tokens(&self) -> usize {
+        0
+    }
+
+    /// Called on the token embeddings `(N, C)`.
+    fn embed(&self, g: &mut Graph, x: TensorId) -> TensorId {
+        let _ = g;
+        x
+    }
+
+    /// Called on a layer's keys (after RoPE) and values, before attention.
+    fn attention_kv(
+        &self,
+        g: &mut Graph,
+        layer: usize,
+        k: TensorId,
+        v: TensorId,
+    ) -> (TensorId, TensorId) {
+        let _ = (g, layer);
+        (k, v)
+    }
 }
 
 /// The forward graph of a decoder ending in the loss.
@@ -165,6 +190,8 @@ impl DecoderGraph {
             None,
             fw,
         )[0];
+        x = hook.embed(&mut g, x);
+        let sink = hook.virtual_tokens();
         for (li, l) in spec.layers.iter().enumerate() {
             let at = Some(li);
             let norm = |g: &mut Graph, w: &Weight, x: TensorId, name: &str| {
@@ -219,12 +246,14 @@ impl DecoderGraph {
                 fw,
             )[0];
             let k = g.push(rope, &[k], &[("k_rope", Shape::new(n, kv_dim))], at, fw)[0];
+            let (k, v) = hook.attention_kv(&mut g, li, k, v);
             let geom = AttnGeom {
                 n_head: spec.n_head,
                 n_kv_head: spec.n_kv_head,
                 head_dim: spec.head_dim,
                 scale: spec.attn_scale,
                 window: l.window,
+                sink,
             };
             let att = g.push(
                 Op::Attention(geom),

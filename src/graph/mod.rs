@@ -117,6 +117,11 @@ pub struct AttnGeom {
     pub scale: f32,
     /// Sliding window in positions (`i − j < window`), `None` for full.
     pub window: Option<usize>,
+    /// Virtual tokens at the start of every row (prompt and prefix tuning):
+    /// every query sees them as well as its own segment. A window never
+    /// reaches them: a graph with a sink is built only where the window
+    /// does not bind (`seq ≤ window`).
+    pub sink: usize,
 }
 
 /// The operations. Each lists its inputs → outputs; `N` is batch × seq
@@ -159,6 +164,13 @@ pub enum Op {
     RsqrtMul,
     /// `m`, `n2`, `dy` → `dm`, `dn2` of [`Op::RsqrtMul`].
     RsqrtMulBack,
+    /// `x (B·seq, C)`, `p (n, C)` → `x` with the first `n` rows of each
+    /// sequence replaced by `p` (prompt tuning's virtual tokens, prefix
+    /// tuning's keys and values).
+    PrefixRows { n: usize, seq: usize },
+    /// `dy` → `dx` (`dy` with those rows zeroed), `dp` (their sum over the
+    /// sequences) of [`Op::PrefixRows`].
+    PrefixRowsBack { n: usize, seq: usize },
     /// `a`, `b` → `a + b`.
     Add,
     /// `x` → `s·x`.
@@ -213,6 +225,8 @@ impl Op {
             Op::DoraNormBack { .. } => "dora_norm_back",
             Op::RsqrtMul => "rsqrt_mul",
             Op::RsqrtMulBack => "rsqrt_mul_back",
+            Op::PrefixRows { .. } => "prefix_rows",
+            Op::PrefixRowsBack { .. } => "prefix_rows_back",
             Op::Add => "add",
             Op::Scale { .. } => "scale",
             Op::Rope { .. } => "rope",

@@ -18,6 +18,8 @@ pub mod lokr;
 pub mod lora;
 pub mod norm;
 pub mod pissa;
+pub mod prefix;
+pub mod prompt;
 pub mod svd;
 #[cfg(test)]
 pub(crate) mod tests;
@@ -111,6 +113,15 @@ pub enum Effect {
     InScale(Vec<f32>),
     /// `y ⊙= v` after the norm of this weight (`v` its width).
     NormScale(Vec<f32>),
+    /// `rows` virtual rows before every sequence: of the embeddings
+    /// (prompt tuning, on the token embedding table) or of a layer's keys or
+    /// values in the cache (prefix tuning, on `attn_k` / `attn_v`).
+    Prefix {
+        /// Virtual tokens.
+        rows: usize,
+        /// `(rows, width)`.
+        values: Vec<f32>,
+    },
 }
 
 impl Effect {
@@ -122,6 +133,7 @@ impl Effect {
             Effect::OutScale(_) => "out_scale",
             Effect::InScale(_) => "in_scale",
             Effect::NormScale(_) => "norm_scale",
+            Effect::Prefix { .. } => "prefix",
         }
     }
 
@@ -152,11 +164,15 @@ pub enum MethodKind {
     Ia3,
     /// Norm tuning: train the RMSNorm weights.
     Norm,
+    /// Prompt tuning: trained virtual-token embeddings before every sequence.
+    Prompt,
+    /// Prefix tuning: trained key/value rows before every layer's sequence.
+    Prefix,
 }
 
 impl MethodKind {
     /// Every method, in `--help` order.
-    pub const ALL: [MethodKind; 8] = [
+    pub const ALL: [MethodKind; 10] = [
         MethodKind::Lora,
         MethodKind::Dora,
         MethodKind::Vera,
@@ -165,6 +181,8 @@ impl MethodKind {
         MethodKind::Lokr,
         MethodKind::Ia3,
         MethodKind::Norm,
+        MethodKind::Prompt,
+        MethodKind::Prefix,
     ];
 
     /// The `--method` name.
@@ -178,6 +196,8 @@ impl MethodKind {
             MethodKind::Lokr => "lokr",
             MethodKind::Ia3 => "ia3",
             MethodKind::Norm => "norm",
+            MethodKind::Prompt => "prompt",
+            MethodKind::Prefix => "prefix",
         }
     }
 
@@ -234,6 +254,11 @@ pub struct MethodSpec {
     pub ia3_targets: Vec<Target>,
     /// PiSSA: subspace iterations of the randomized SVD.
     pub pissa_iters: usize,
+    /// Prompt and prefix tuning: virtual tokens.
+    pub virtual_tokens: usize,
+    /// Prompt and prefix tuning: the text whose tokens start the virtual
+    /// tokens (repeated to their number); `None`: a vocabulary sample.
+    pub prompt_init: Option<String>,
 }
 
 impl Default for MethodSpec {
@@ -244,6 +269,8 @@ impl Default for MethodSpec {
             vera_seed: 0,
             ia3_targets: vec![Target::AttnK, Target::AttnV, Target::FfnDown],
             pissa_iters: 4,
+            virtual_tokens: 16,
+            prompt_init: None,
         }
     }
 }
@@ -292,6 +319,14 @@ impl MethodSpec {
         if self.ia3_targets.is_empty() {
             return Err(Error::Invalid("ia3_targets names no projection".into()));
         }
+        if self.kinds.contains(&MethodKind::Prompt) && self.kinds.contains(&MethodKind::Prefix) {
+            return Err(Error::Invalid(
+                "--method: prompt and prefix each put virtual tokens first; use one of them".into(),
+            ));
+        }
+        if self.virtual_tokens == 0 {
+            return Err(Error::Invalid("--virtual-tokens must be at least 1".into()));
+        }
         if self.pissa_iters == 0 {
             return Err(Error::Invalid("pissa_iters must be at least 1".into()));
         }
@@ -320,6 +355,8 @@ pub fn build(spec: &MethodSpec, lora: &LoraConfig, model: &Model) -> Result<Box<
                 n_layers,
             )),
             MethodKind::Norm => Box::new(norm::NormTuning::new(lora.layers, n_layers)),
+            MethodKind::Prompt => Box::new(prompt::PromptTuning::new(spec, model)?),
+            MethodKind::Prefix => Box::new(prefix::PrefixTuning::new(spec, model)?),
         });
     }
     Ok(if methods.len() == 1 {
@@ -348,6 +385,30 @@ impl GraphHook for Hybrid {
 
     fn norm(&self, g: &mut Graph, site: &NormSite, y: TensorId) -> TensorId {
         self.methods.iter().fold(y, |y, m| m.norm(g, site, y))
+    }
+
+    fn virtual_tokens(&self) -> usize {
+        self.methods
+            .iter()
+            .map(|m| m.virtual_tokens())
+            .max()
+            .unwrap_or(0)
+    }
+
+    fn embed(&self, g: &mut Graph, x: TensorId) -> TensorId {
+        self.methods.iter().fold(x, |x, m| m.embed(g, x))
+    }
+
+    fn attention_kv(
+        &self,
+        g: &mut Graph,
+        layer: usize,
+        k: TensorId,
+        v: TensorId,
+    ) -> (TensorId, TensorId) {
+        self.methods
+            .iter()
+            .fold((k, v), |(k, v), m| m.attention_kv(g, layer, k, v))
     }
 }
 

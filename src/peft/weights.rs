@@ -27,6 +27,10 @@ enum SiteEffect {
     OutScale(Vec<f32>),
     InScale(Vec<f32>),
     NormScale(Vec<f32>),
+    Prefix {
+        rows: usize,
+        values: Vec<f32>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -112,6 +116,18 @@ impl AdapterWeights {
                 Effect::OutScale(v) => SiteEffect::OutScale(at_strength(v, strength)),
                 Effect::InScale(v) => SiteEffect::InScale(at_strength(v, strength)),
                 Effect::NormScale(v) => SiteEffect::NormScale(at_strength(v, strength)),
+                Effect::Prefix { rows, values } => {
+                    if strength != 1.0 {
+                        return bad(format!(
+                            "virtual tokens have no strength (got {strength}): load a prompt or \
+                             prefix adapter at 1"
+                        ));
+                    }
+                    if rows == 0 || values.len() % rows != 0 {
+                        return bad(format!("{} values for {rows} virtual rows", values.len()));
+                    }
+                    SiteEffect::Prefix { rows, values }
+                }
             };
             w.push(&base, site);
         }
@@ -141,6 +157,29 @@ impl AdapterWeights {
     /// PiSSA, VeRA, LoHa, LoKr): what requests batched with others can use.
     pub fn is_additive(&self) -> bool {
         self.by_base.values().flatten().all(SiteEffect::is_additive)
+    }
+
+    /// Virtual tokens the adapter puts before every sequence (prompt and
+    /// prefix tuning), 0 for none.
+    pub fn virtual_rows(&self) -> usize {
+        self.by_base
+            .values()
+            .flatten()
+            .filter_map(|e| match e {
+                SiteEffect::Prefix { rows, .. } => Some(*rows),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// The virtual rows put before `base`'s output (the embeddings for
+    /// the token table, a layer's keys or values for `attn_k` / `attn_v`).
+    pub fn prefix(&self, base: &str) -> Option<&[f32]> {
+        self.by_base.get(base)?.iter().find_map(|e| match e {
+            SiteEffect::Prefix { values, .. } => Some(values.as_slice()),
+            _ => None,
+        })
     }
 
     /// The product of the input scales of `base`, if it has any.

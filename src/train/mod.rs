@@ -24,5 +24,5 @@ pub use config::{Duration, Optimizer, TrainConfig};
 pub use device::TrainDevice;
 pub use run::{
     ADAPTER_FILE, CHECKPOINT_FILE, CURVE_FILE, SUMMARY_FILE, TrainEvent, TrainRequest,
-    TrainSummary, train,
+    TrainSummary, graph_seq, train,
 };

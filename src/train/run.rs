@@ -224,6 +224,30 @@ fn load_data(req: &TrainRequest, cfg: &TrainConfig) -> Result<(Dataset, Dataset)
     })
 }
 
+/// The rows of the step graph: `seq` data tokens after the method's
+/// virtual tokens. Errors when those would leave a sliding window (the
+/// graph's attention sink assumes the window does not bind).
+pub fn graph_seq(
+    spec: &crate::model::DecoderSpec,
+    method: &dyn Method,
+    seq: usize,
+) -> Result<usize> {
+    let n = method.virtual_tokens();
+    let rows = seq + n;
+    if n > 0
+        && let Some(w) = spec.layers.iter().filter_map(|l| l.window).min()
+        && rows > w
+    {
+        return Err(Error::Invalid(format!(
+            "--seq {seq} plus {n} virtual tokens is longer than the model's sliding window of \
+             {w}: use --seq {} or less with {}",
+            w.saturating_sub(n),
+            method.name()
+        )));
+    }
+    Ok(rows)
+}
+
 /// Mean held-out loss of `params`.
 fn evaluate(
     model: &Model,
@@ -234,11 +258,14 @@ fn evaluate(
     device: (&super::TrainDevice, usize),
     params: &[Vec<f32>],
 ) -> Result<f32> {
-    let g = DecoderGraph::build(model.spec(), micro, seq, method);
+    let n = method.virtual_tokens();
+    let rows = graph_seq(model.spec(), method, seq)?;
+    let g = DecoderGraph::build(model.spec(), micro, rows, method);
     let plan = MemoryPlan::new(&g);
     let mut step = device.0.step(model, g, plan, device.1)?;
     let (mut sum, mut count) = (0.0, 0);
     for b in data::eval_batches(eval, seq, micro) {
+        let b = b.with_virtual(n);
         let (s, c) = step.run(&inputs(&b, 0.0, 0), params)?;
         sum += s;
         count += c;
@@ -313,7 +340,7 @@ pub fn train(
     let shape = StepShape {
         spec,
         method,
-        seq: cfg.seq,
+        seq: graph_seq(spec, method, cfg.seq)?,
         threads,
         data_bytes: ((train_ds.tokens() + eval_ds.tokens()) * 5) as u64,
         keep_best: cfg.early_stop > 0,
@@ -455,7 +482,10 @@ pub fn train(
         let t0 = Instant::now();
         let s = st.step;
         let lr = schedule.lr_at(s);
-        let batches: Vec<Batch> = (0..accum).map(|_| packer.next_batch()).collect();
+        let n_virtual = method.virtual_tokens();
+        let batches: Vec<Batch> = (0..accum)
+            .map(|_| packer.next_batch().with_virtual(n_virtual))
+            .collect();
         let targets: usize = batches.iter().map(|b| b.target_count()).sum();
         let mut skipped = None;
         let (mut loss_sum, mut norm) = (0.0f64, 0.0f64);

@@ -47,6 +47,12 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
+    /// Keys and values of layer `layer` for the tokens held, `(len, kv)` each.
+    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        let n = self.len * self.kv_row;
+        (&self.k[layer][..n], &self.v[layer][..n])
+    }
+
     /// Bytes held by the cache.
     pub fn bytes(&self) -> usize {
         2 * self.k.len() * self.capacity * self.kv_row * 4
@@ -306,8 +312,59 @@ impl<'m> CpuDecoder<'m> {
         self.model.spec()
     }
 
-    /// An empty cache for up to `capacity` tokens.
+    /// Virtual tokens the decoder's adapters put first in every cache
+    /// (prompt and prefix tuning).
+    pub fn virtual_rows(&self) -> usize {
+        self.adapters
+            .iter()
+            .map(|a| a.virtual_rows())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Fill an empty cache with the adapters' virtual tokens: run prompt
+    /// tuning's embeddings through the layers, or copy prefix tuning's keys
+    /// and values in.
+    fn prime(&self, cache: &mut KvCache) -> Result<()> {
+        let n = self.virtual_rows();
+        if n == 0 || !cache.is_empty() {
+            return Ok(());
+        }
+        let s = self.spec();
+        let prompt = self
+            .adapters
+            .iter()
+            .find_map(|a| a.prefix(&s.token_embd.name));
+        if let Some(e) = prompt {
+            let dummy = vec![0u32; n];
+            let mut seqs = [SeqPass {
+                tokens: &dummy,
+                cache,
+                adapters: &[],
+            }];
+            self.run_layers_from(&mut seqs, false, Some(e.to_vec()))?;
+            return Ok(());
+        }
+        crate::backend::check_tokens(s, &vec![0; n], 0, cache.capacity)?;
+        let kv = cache.kv_row;
+        for (li, l) in s.layers.iter().enumerate() {
+            for a in &self.adapters {
+                if let Some(k) = a.prefix(&l.wk.name) {
+                    cache.k[li][..n * kv].copy_from_slice(&k[..n * kv]);
+                }
+                if let Some(v) = a.prefix(&l.wv.name) {
+                    cache.v[li][..n * kv].copy_from_slice(&v[..n * kv]);
+                }
+            }
+        }
+        cache.len = n;
+        Ok(())
+    }
+
+    /// An empty cache for up to `capacity` tokens (and the adapters'
+    /// virtual tokens, which take its first slots).
     pub fn new_cache(&self, capacity: usize) -> KvCache {
+        let capacity = capacity + self.virtual_rows();
         let s = self.spec();
         let kv_row = s.n_kv_head * s.head_dim;
         let n = s.layers.len();
@@ -373,6 +430,20 @@ impl<'m> CpuDecoder<'m> {
     }
 
     fn run_layers(&self, seqs: &mut [SeqPass<'_>], invariant: bool) -> Result<Vec<f32>> {
+        for seq in seqs.iter_mut() {
+            self.prime(seq.cache)?;
+        }
+        self.run_layers_from(seqs, invariant, None)
+    }
+
+    /// [`CpuDecoder::run_layers`] from the embeddings `x0` instead of the
+    /// tokens' when given.
+    fn run_layers_from(
+        &self,
+        seqs: &mut [SeqPass<'_>],
+        invariant: bool,
+        x0: Option<Vec<f32>>,
+    ) -> Result<Vec<f32>> {
         let s = self.spec();
         if seqs.is_empty() {
             return Err(Error::Invalid(
@@ -408,7 +479,10 @@ impl<'m> CpuDecoder<'m> {
         let n = tokens.len();
         let (d, e) = (s.head_dim, s.n_embd);
         let (q_dim, kv_dim) = (s.n_head * d, s.n_kv_head * d);
-        let mut x = self.embed(&tokens)?;
+        let mut x = match x0 {
+            Some(x) => x,
+            None => self.embed(&tokens)?,
+        };
         let mut h = vec![0.0; n * e];
         let mut q = vec![0.0; n * q_dim];
         let mut k = vec![0.0; n * kv_dim];

@@ -79,7 +79,9 @@ struct AttnParams {
     window: u32,
     /// q, k, v, then bindings 5 … 8.
     offs: [u32; 7],
-    _pad: [u32; 2],
+    /// Virtual tokens at the start of each row ([`AttnGeom::sink`]).
+    sink: u32,
+    _pad: u32,
 }
 
 #[repr(C)]
@@ -413,7 +415,8 @@ fn attn_params(op: &str, rows: &PackedRows, geom: &AttnGeom, offs: [u32; 7]) -> 
             .window
             .map_or(u32::MAX, |w| w.clamp(1, u32::MAX as usize - 1) as u32),
         offs,
-        _pad: [0; 2],
+        sink: to_u32(geom.sink, op, "sink")?,
+        _pad: 0,
     })
 }
 

@@ -219,6 +219,50 @@ pub(crate) fn dora_norm_back(
     ])
 }
 
+/// `y = x (batch·seq, c)` with rows `0..n` of each sequence replaced by
+/// `p (n, c)` ([`crate::graph::Op::PrefixRows`]).
+pub(crate) fn prefix_rows(
+    ctx: &GpuContext,
+    x: View,
+    p: View,
+    y: View,
+    (n, seq, c, batch): (usize, usize, usize, usize),
+) -> Result<Dispatch> {
+    let len = batch * seq * c;
+    let views = [(x, len), (p, n * c), (y, len)];
+    peft(ctx, "prefix_rows", len, &views, [seq, n, c, batch], 0.0)
+}
+
+/// `dx`, `dp` of [`prefix_rows`] ([`crate::graph::Op::PrefixRowsBack`]).
+pub(crate) fn prefix_rows_back(
+    ctx: &GpuContext,
+    dy: View,
+    dx: View,
+    dp: View,
+    (n, seq, c, batch): (usize, usize, usize, usize),
+) -> Result<Vec<Dispatch>> {
+    let len = batch * seq * c;
+    let dims = [seq, n, c, batch];
+    Ok(vec![
+        peft(
+            ctx,
+            "prefix_back_x",
+            len,
+            &[(dy, len), (dx, len)],
+            dims,
+            0.0,
+        )?,
+        peft(
+            ctx,
+            "prefix_back_p",
+            n * c,
+            &[(dy, len), (dp, n * c)],
+            dims,
+            0.0,
+        )?,
+    ])
+}
+
 /// `y = m / √n2` over `n` elements ([`crate::graph::Op::RsqrtMul`]).
 pub(crate) fn rsqrt_mul(
     ctx: &GpuContext,

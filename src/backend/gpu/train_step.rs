@@ -752,6 +752,16 @@ impl GpuStep {
                     out.extend(peft::dora_norm_back(ctx, ins, outs, dims, *s)?);
                 }
                 Op::RsqrtMul => out.push(peft::rsqrt_mul(ctx, v(0)?, v(1)?, o(0)?, numel(0))?),
+                Op::PrefixRows { n, seq } => {
+                    let c = g.shape(node.inputs[1]).cols;
+                    let dims = (*n, *seq, c, g.shape(node.inputs[0]).rows / seq);
+                    out.push(peft::prefix_rows(ctx, v(0)?, v(1)?, o(0)?, dims)?);
+                }
+                Op::PrefixRowsBack { n, seq } => {
+                    let c = g.shape(node.outputs[1]).cols;
+                    let dims = (*n, *seq, c, g.shape(node.inputs[0]).rows / seq);
+                    out.extend(peft::prefix_rows_back(ctx, v(0)?, o(0)?, o(1)?, dims)?);
+                }
                 Op::RsqrtMulBack => {
                     let (dm, dn2) = (o(0)?, o(1)?);
                     out.push(peft::rsqrt_mul_back(

@@ -658,6 +658,7 @@ fn attention_matches_cpu_with_gqa_windows_and_packed_segments() {
         head_dim,
         scale: 1.0 / (head_dim as f32).sqrt(),
         window,
+        sink: 0,
     };
     check_attention(&ctx, 2, seq, &seg, geom(4, 2, 16, None), 20);
     check_attention(&ctx, 2, seq, &seg, geom(3, 1, 8, Some(20)), 21);

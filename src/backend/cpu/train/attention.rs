@@ -37,9 +37,16 @@ impl Rows<'_> {
 /// see, so the causal upper triangle is never computed.
 const QB: usize = 64;
 
-/// The keys `lo..t1` that queries `t0..t1` of sequence `b` see.
-fn block_keys(rows: &Rows, b: usize, t0: usize, t1: usize, window: Option<usize>) -> usize {
-    (t0..t1).map(|t| rows.lo(b, t, window)).min().unwrap_or(t0)
+/// The first key of `k0..t1`, the keys queries `t0..t1` of sequence `b`
+/// see (0 where a sink is: every query sees it).
+fn block_keys(rows: &Rows, b: usize, t0: usize, t1: usize, geom: &AttnGeom) -> usize {
+    if geom.sink > 0 {
+        return 0;
+    }
+    (t0..t1)
+        .map(|t| rows.lo(b, t, geom.window))
+        .min()
+        .unwrap_or(t0)
 }
 
 /// One block of queries of every head of a key/value group: the query
@@ -57,9 +64,9 @@ struct Block {
 impl Block {
     /// Queries `t0..t0 + QB` (within the sequence) of `heads` heads of
     /// sequence `b`, with the keys they see.
-    fn at(rows: &Rows, b: usize, t0: usize, heads: usize, window: Option<usize>) -> Block {
+    fn at(rows: &Rows, b: usize, t0: usize, heads: usize, geom: &AttnGeom) -> Block {
         let t1 = (t0 + QB).min(rows.seq);
-        let k0 = block_keys(rows, b, t0, t1, window);
+        let k0 = block_keys(rows, b, t0, t1, geom);
         Block {
             b,
             t0,
@@ -96,17 +103,26 @@ fn probabilities(
         let t = blk.t0 + row % m;
         let lo = rows.lo(blk.b, t, geom.window) - blk.k0;
         let hi = t - blk.k0;
-        let live = &mut r[lo..=hi];
+        // The sink's keys 0..ns (k0 is 0 when there is one), then lo..=hi.
+        let ns = geom.sink.min(lo);
+        let (head, tail) = r.split_at_mut(lo);
+        let (sink, gap) = head.split_at_mut(ns);
+        let live = &mut tail[..=hi - lo];
         match lse_in {
-            Some(lse) => fastmath::exp_shift(live, geom.scale, lse[row]),
+            Some(lse) => {
+                fastmath::exp_shift(sink, geom.scale, lse[row]);
+                fastmath::exp_shift(live, geom.scale, lse[row]);
+            }
             None => {
-                let m = fastmath::max(live) * geom.scale;
-                let sum = fastmath::exp_sum(live, geom.scale, m);
+                let m = fastmath::max(live).max(fastmath::max(sink)) * geom.scale;
+                let sum =
+                    fastmath::exp_sum(sink, geom.scale, m) + fastmath::exp_sum(live, geom.scale, m);
+                fastmath::scale(sink, 1.0 / sum);
                 fastmath::scale(live, 1.0 / sum);
                 lse_out[row] = m + sum.ln();
             }
         }
-        r[..lo].fill(0.0);
+        gap.fill(0.0);
         r[hi + 1..].fill(0.0);
     }
 }
@@ -160,7 +176,7 @@ pub fn attention_forward(
             let mut og = vec![0.0; group * QB * d];
             let mut lg = vec![0.0; group * QB];
             for t0 in (0..t_len).step_by(QB) {
-                let blk = Block::at(rows, b, t0, group, geom.window);
+                let blk = Block::at(rows, b, t0, group, geom);
                 let (t1, k0) = (blk.t1, blk.k0);
                 let (m, w) = (blk.m(), blk.w());
                 gather(q, (b, t_len, qd, d), h0, blk, &mut qg);
@@ -265,7 +281,7 @@ pub fn attention_backward(
             let mut unused = [0.0f32; 0];
             let dims = (b, t_len, qd, d);
             for t0 in (0..t_len).step_by(QB) {
-                let blk = Block::at(rows, b, t0, group, geom.window);
+                let blk = Block::at(rows, b, t0, group, geom);
                 let (t1, k0) = (blk.t1, blk.k0);
                 let (m, w) = (blk.m(), blk.w());
                 let gm = group * m;

@@ -11,7 +11,7 @@ pub mod loss;
 pub mod ops;
 pub mod peft_ops;
 #[cfg(test)]
-pub(crate) mod tests;
+mod tests;
 
 use super::gemm::{Operand, matmul_into};
 use super::matmul::QMatrix;
@@ -329,6 +329,13 @@ impl<'m> CpuStep<'m> {
                     peft_ops::dora_norm_back(wa, b, gram, dn2, *s, dwa, db, dgram);
                 }
                 Op::RsqrtMul => peft_ops::rsqrt_mul(read(i[0]), read(i[1]), write(o[0])),
+                Op::PrefixRows { n, seq } => {
+                    peft_ops::prefix_rows(read(i[0]), read(i[1]), (*n, *seq), write(o[0]))
+                }
+                Op::PrefixRowsBack { n, seq } => {
+                    let (dx, dp) = (write(o[0]), write(o[1]));
+                    peft_ops::prefix_rows_back(read(i[0]), (*n, *seq), dx, dp);
+                }
                 Op::RsqrtMulBack => {
                     let (dm, dn2) = (write(o[0]), write(o[1]));
                     peft_ops::rsqrt_mul_back(read(i[0]), read(i[1]), read(i[2]), dm, dn2);

@@ -164,6 +164,30 @@ pub fn dora_norm_back(
     });
 }
 
+/// `y = x` with rows `0..n` of each sequence of `seq` rows of width `c`
+/// replaced by `p (n, c)`.
+pub fn prefix_rows(x: &[f32], p: &[f32], (n, seq): (usize, usize), y: &mut [f32]) {
+    let c = p.len() / n;
+    y.par_chunks_mut(seq * c)
+        .zip(x.par_chunks(seq * c))
+        .for_each(|(ys, xs)| {
+            ys[..n * c].copy_from_slice(p);
+            ys[n * c..].copy_from_slice(&xs[n * c..]);
+        });
+}
+
+/// `dx` (`dy` with the prefix rows zeroed) and `dp` (the prefix rows of
+/// `dy` summed over the sequences, in order) of [`prefix_rows`].
+pub fn prefix_rows_back(dy: &[f32], (n, seq): (usize, usize), dx: &mut [f32], dp: &mut [f32]) {
+    let c = dp.len() / n;
+    dp.fill(0.0);
+    for (dys, dxs) in dy.chunks(seq * c).zip(dx.chunks_mut(seq * c)) {
+        dp.iter_mut().zip(&dys[..n * c]).for_each(|(p, d)| *p += d);
+        dxs[..n * c].fill(0.0);
+        dxs[n * c..].copy_from_slice(&dys[n * c..]);
+    }
+}
+
 /// `y = m / √n2`.
 pub fn rsqrt_mul(m: &[f32], n2: &[f32], y: &mut [f32]) {
     for ((y, &m), &n) in y.iter_mut().zip(m).zip(n2) {

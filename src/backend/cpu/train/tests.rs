@@ -17,25 +17,14 @@ use std::collections::BTreeSet;
 
 /// Check `analytic` against central differences of the scalar `f` at `x`,
 /// on every element (or every `stride`-th).
-pub(crate) fn check_grad(
+fn check_grad(
     name: &str,
     x: &[f32],
     analytic: &[f32],
     stride: usize,
     f: &mut dyn FnMut(&[f32]) -> f64,
 ) {
-    check_grad_eps(name, x, analytic, stride, 1e-2, f)
-}
-
-/// [`check_grad`] with steps of `eps`.
-pub(crate) fn check_grad_eps(
-    name: &str,
-    x: &[f32],
-    analytic: &[f32],
-    stride: usize,
-    eps: f32,
-    f: &mut dyn FnMut(&[f32]) -> f64,
-) {
+    let eps = 1e-2f32;
     let mut worst = 0.0f64;
     for i in (0..x.len()).step_by(stride) {
         let mut xp = x.to_vec();
@@ -178,6 +167,7 @@ fn attention_backward_matches_finite_differences() {
             head_dim: 4,
             scale: 0.5,
             window,
+            sink: 0,
         };
         let (v, o) = check_attention(&rows, &geom, 12, 1);
         // The masks hold: token 2 of sequence 1 starts a new example and
@@ -354,6 +344,7 @@ fn attention_over_several_query_blocks_matches_finite_differences() {
             head_dim: 4,
             scale: 0.5,
             window,
+            sink: 0,
         };
         check_attention(&rows, &geom, 20, 5);
     }
