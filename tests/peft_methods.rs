@@ -1,7 +1,7 @@
 //! Adapters of the other PEFT methods saved by PyPI's `peft`
 //! (tests/fixtures/peft/make_methods_fixture.py made them and the logits
 //! peft computed with them) give peft's logits in edgetune: DoRA, VeRA,
-//! (IA)³, LoHa and LoKr on SmolLM2.
+//! (IA)³, LoHa, LoKr, prompt tuning and prefix tuning on SmolLM2.
 
 mod common;
 
@@ -36,7 +36,7 @@ fn peft_adapters_of_every_method_reproduce_peft_s_logits() {
     let Some(model) = open("SmolLM2-135M-Instruct.Q4_1.gguf") else {
         return;
     };
-    for method in ["dora", "vera", "ia3", "loha", "lokr"] {
+    for method in ["dora", "vera", "ia3", "loha", "lokr", "prompt", "prefix"] {
         let dir = root().join(format!("tests/fixtures/peft/smollm2-{method}"));
         let fx: Value =
             serde_json::from_str(&std::fs::read_to_string(dir.with_extension("json")).unwrap())

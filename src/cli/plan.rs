@@ -16,7 +16,7 @@ use std::path::PathBuf;
 pub struct LoraArgs {
     /// Fine-tuning method, or several comma-separated (a hybrid): lora,
     /// dora, vera, pissa, loha, lokr (each rewrites the adapted linears; one
-    /// per run), ia3, norm.
+    /// per run), ia3, norm, prompt, prefix (one of the last two per run).
     #[arg(long, value_name = "METHOD[,METHOD…]", default_value = "lora")]
     pub method: String,
     /// (IA)³: projections to rescale (the FFN's down projection at its
@@ -26,6 +26,13 @@ pub struct LoraArgs {
     /// VeRA: initial value of the scaling vector d.
     #[arg(long, value_name = "D", default_value_t = 0.1)]
     pub vera_d_init: f32,
+    /// Prompt and prefix tuning: virtual tokens before every sequence.
+    #[arg(long, value_name = "N", default_value_t = 16)]
+    pub virtual_tokens: usize,
+    /// Prompt and prefix tuning: start the virtual tokens from this text's
+    /// tokens (repeated to --virtual-tokens) instead of a vocabulary sample.
+    #[arg(long, value_name = "TEXT")]
+    pub prompt_init: Option<String>,
     /// Rank r of the low-rank methods (LoRA, DoRA, VeRA, PiSSA, LoHa, LoKr).
     #[arg(long, value_name = "R", default_value_t = 8)]
     pub rank: usize,
@@ -110,6 +117,8 @@ impl LoraArgs {
             kinds: MethodSpec::parse_kinds(&self.method)?,
             vera_d_init: self.vera_d_init,
             ia3_targets: targets(&self.ia3_targets),
+            virtual_tokens: self.virtual_tokens,
+            prompt_init: self.prompt_init.clone(),
             ..MethodSpec::default()
         };
         spec.validate()?;

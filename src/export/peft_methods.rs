@@ -10,6 +10,8 @@
 //! | (IA)³ | `ia3_l`: `(out, 1)` scales the output, `(1, in)` (feed-forward modules) the input | scale |
 //! | LoHa | `hada_w1_a (out, r)`, `hada_w1_b (r, in)`, `hada_w2_a`, `hada_w2_b` | dense `s·(w1a·w1b) ⊙ (w2a·w2b)` |
 //! | LoKr | `lokr_w1 (a, c)` (or `lokr_w1_a`·`lokr_w1_b`), `lokr_w2 (b, d)` (or `lokr_w2_a`·`lokr_w2_b`) | dense `s·w1 ⊗ w2` |
+//! | prompt tuning | one `prompt_embeddings (n, C)` | `n` virtual tokens before the embeddings |
+//! | prefix tuning | one `prompt_embeddings (n, L·2·kv)`, column `((2·layer + k|v)·heads + head)·d + i` | `n` key and value rows before each layer's |
 //!
 //! Per-row tensors of a permuted projection (DoRA's `B` and magnitude,
 //! VeRA's `λb` and its slice of `vera_B`, (IA)³'s output vector, LoHa's
@@ -28,8 +30,10 @@ use std::path::Path;
 /// (rather than plain LoRA).
 pub fn is_method_dir(cfg: &Value) -> bool {
     let ty = cfg.get("peft_type").and_then(Value::as_str).unwrap_or("");
-    matches!(ty, "VERA" | "IA3" | "LOHA" | "LOKR")
-        || (ty == "LORA" && cfg.get("use_dora").and_then(Value::as_bool) == Some(true))
+    matches!(
+        ty,
+        "VERA" | "IA3" | "LOHA" | "LOKR" | "PROMPT_TUNING" | "PREFIX_TUNING"
+    ) || (ty == "LORA" && cfg.get("use_dora").and_then(Value::as_bool) == Some(true))
 }
 
 /// One module's tensors: suffix → (shape, values).
@@ -56,6 +60,10 @@ pub fn read_effects(dir: &Path, cfg: &Value, model: &Model) -> Result<Vec<(Strin
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::Invalid(format!("{}: {e}", w_path.display())))?;
     let bad = |msg: String| Error::Invalid(format!("{}: {msg}", w_path.display()));
+    let ty = cfg.get("peft_type").and_then(Value::as_str).unwrap_or("");
+    if matches!(ty, "PROMPT_TUNING" | "PREFIX_TUNING") {
+        return virtual_tokens(ty, cfg, &st, model, &w_path);
+    }
     let mut shared: BTreeMap<String, (Vec<usize>, Vec<f32>)> = BTreeMap::new();
     let mut modules: BTreeMap<(usize, &str), Module> = BTreeMap::new();
     for (key, t) in st.tensors() {
@@ -85,7 +93,6 @@ pub fn read_effects(dir: &Path, cfg: &Value, model: &Model) -> Result<Vec<(Strin
         return Err(bad("no adapter tensors".into()));
     }
     let num = |k: &str, default: f64| cfg.get(k).and_then(Value::as_f64).unwrap_or(default);
-    let ty = cfg.get("peft_type").and_then(Value::as_str).unwrap_or("");
     let spec = model.spec();
     let mut out = Vec::new();
     for ((layer, proj), m) in modules {
@@ -234,6 +241,80 @@ pub fn read_effects(dir: &Path, cfg: &Value, model: &Model) -> Result<Vec<(Strin
                 out.push((base, Effect::Dense { rows, cols, delta }));
             }
             other => return Err(field(format!("peft_type '{other}' is not read here"))),
+        }
+    }
+    Ok(out)
+}
+
+/// Prompt or prefix tuning's one `prompt_embeddings` tensor as virtual
+/// rows: before the embeddings, or before each layer's keys (their head
+/// dimension put in llama.cpp's order for llama) and values.
+fn virtual_tokens(
+    ty: &str,
+    cfg: &Value,
+    st: &SafeTensors,
+    model: &Model,
+    w_path: &Path,
+) -> Result<Vec<(String, Effect)>> {
+    let bad = |msg: String| Error::Invalid(format!("{}: {msg}", w_path.display()));
+    let t = st
+        .tensor("prompt_embeddings")
+        .map_err(|_| bad("tensor 'prompt_embeddings' is missing".into()))?;
+    let shape = t.shape().to_vec();
+    let v = values(&t, "prompt_embeddings", w_path)?;
+    let spec = model.spec();
+    let n = cfg
+        .get("num_virtual_tokens")
+        .and_then(Value::as_u64)
+        .unwrap_or(0) as usize;
+    if ty == "PROMPT_TUNING" {
+        if shape != [n, spec.n_embd] {
+            return Err(bad(format!(
+                "prompt_embeddings is {shape:?}, ({n}, {}) expected",
+                spec.n_embd
+            )));
+        }
+        let base = spec.token_embd.name.clone();
+        return Ok(vec![(base, Effect::Prefix { rows: n, values: v })]);
+    }
+    // With `prefix_projection`, PEFT saves the projection's output: the
+    // same layout.
+    let (heads, d, layers) = (spec.n_kv_head, spec.head_dim, spec.layers.len());
+    let kv = heads * d;
+    if shape != [n, layers * 2 * kv] {
+        return Err(bad(format!(
+            "prompt_embeddings is {shape:?}, ({n}, {}) expected for {layers} layers of {heads} \
+             key/value heads of {d}",
+            layers * 2 * kv
+        )));
+    }
+    let permuted = HfLayout::of(model)?.permuted_heads("attn_k").is_some();
+    let mut out = Vec::new();
+    for (li, l) in spec.layers.iter().enumerate() {
+        for (which, w) in [(0, &l.wk), (1, &l.wv)] {
+            let mut rows = Vec::with_capacity(n * kv);
+            for t in 0..n {
+                let block = &v[t * layers * 2 * kv + (2 * li + which) * kv..][..kv];
+                for h in 0..heads {
+                    for i in 0..d {
+                        // Key dims in llama.cpp's pair order: i = 2j + s
+                        // holds transformers' s·d/2 + j.
+                        let src = if which == 0 && permuted {
+                            hf_row(i, d, 1)
+                        } else {
+                            i
+                        };
+                        rows.push(block[h * d + src]);
+                    }
+                }
+            }
+            out.push((
+                w.name.clone(),
+                Effect::Prefix {
+                    rows: n,
+                    values: rows,
+                },
+            ));
         }
     }
     Ok(out)

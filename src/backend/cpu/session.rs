@@ -71,12 +71,19 @@ pub struct CpuSession<'d, 'm> {
 }
 
 impl Session for CpuSession<'_, '_> {
+    /// Tokens run, not counting the adapters' virtual tokens (prompt and
+    /// prefix tuning), which take the cache's first slots.
     fn len(&self) -> usize {
-        self.cache.len()
+        let n = self.cache.len();
+        if n == 0 {
+            0
+        } else {
+            n - self.decoder.virtual_rows().min(n)
+        }
     }
 
     fn capacity(&self) -> usize {
-        self.cache.capacity()
+        self.cache.capacity() - self.decoder.virtual_rows().min(self.cache.capacity())
     }
 
     fn clear(&mut self) {
