@@ -16,7 +16,8 @@ use std::path::PathBuf;
 pub struct LoraArgs {
     /// Fine-tuning method, or several comma-separated (a hybrid): lora,
     /// dora, vera, pissa, loha, lokr (each rewrites the adapted linears; one
-    /// per run), ia3, norm, prompt, prefix (one of the last two per run).
+    /// per run), ia3, norm, prompt, prefix (one of these two per run),
+    /// adapter, parallel-adapter.
     #[arg(long, value_name = "METHOD[,METHOD…]", default_value = "lora")]
     pub method: String,
     /// (IA)³: projections to rescale (the FFN's down projection at its
@@ -26,6 +27,9 @@ pub struct LoraArgs {
     /// VeRA: initial value of the scaling vector d.
     #[arg(long, value_name = "D", default_value_t = 0.1)]
     pub vera_d_init: f32,
+    /// Bottleneck adapters (adapter, parallel-adapter): width.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub adapter_size: usize,
     /// Prompt and prefix tuning: virtual tokens before every sequence.
     #[arg(long, value_name = "N", default_value_t = 16)]
     pub virtual_tokens: usize,
@@ -118,6 +122,7 @@ impl LoraArgs {
             vera_d_init: self.vera_d_init,
             ia3_targets: targets(&self.ia3_targets),
             virtual_tokens: self.virtual_tokens,
+            adapter_size: self.adapter_size,
             prompt_init: self.prompt_init.clone(),
             ..MethodSpec::default()
         };

@@ -124,6 +124,18 @@ pub struct NormSite<'a> {
     pub weight: &'a Weight,
 }
 
+/// One sublayer (attention or feed-forward) of a block, as seen by an
+/// adapter method.
+#[derive(Debug, Clone, Copy)]
+pub struct SublayerSite<'a> {
+    /// Block index.
+    pub layer: usize,
+    /// The feed-forward sublayer (else attention).
+    pub ffn: bool,
+    /// Its output projection (`attn_output` or `ffn_down`), which names it.
+    pub weight: &'a Weight,
+}
+
 /// Where a PEFT method rewrites the forward graph. Every hook returns the
 /// tensor the rest of the graph uses instead of the one it was given (that
 /// one itself where the method does nothing).
@@ -140,6 +152,13 @@ pub trait GraphHook {
     /// Called after the RMSNorm of `site` is added, with its output.
     fn norm(&self, g: &mut Graph, site: &NormSite, y: TensorId) -> TensorId {
         let _ = (g, site);
+        y
+    }
+
+    /// Called with a sublayer's normalized input `x` and its output `y`
+    /// (after its post-norm, if any), before the residual addition.
+    fn sublayer(&self, g: &mut Graph, site: &SublayerSite, x: TensorId, y: TensorId) -> TensorId {
+        let _ = (g, site, x);
         y
     }
 
@@ -269,6 +288,12 @@ impl DecoderGraph {
             if let Some(w) = &l.post_attn_norm {
                 o = norm(&mut g, w, o, "post_attn_norm");
             }
+            let site = SublayerSite {
+                layer: li,
+                ffn: false,
+                weight: &l.wo,
+            };
+            let o = hook.sublayer(&mut g, &site, h, o);
             let x_mid = g.push(
                 Op::Add,
                 &[x, o],
@@ -292,6 +317,12 @@ impl DecoderGraph {
             if let Some(w) = &l.post_ffn_norm {
                 d = norm(&mut g, w, d, "post_ffn_norm");
             }
+            let site = SublayerSite {
+                layer: li,
+                ffn: true,
+                weight: &l.w_down,
+            };
+            let d = hook.sublayer(&mut g, &site, h, d);
             x = g.push(
                 Op::Add,
                 &[x_mid, d],

@@ -19,7 +19,7 @@ pub mod plan;
 #[cfg(test)]
 pub(crate) mod testing;
 
-pub use build::{DecoderGraph, GraphHook, LinearSite, NormSite, Target};
+pub use build::{DecoderGraph, GraphHook, LinearSite, NormSite, SublayerSite, Target};
 pub use plan::{MemoryPlan, PlanOptions};
 
 use crate::model::{Activation, Rope, Weight};

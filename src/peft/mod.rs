@@ -11,6 +11,7 @@
 //! frozen tensor ([`Method::effects`]), which the decoders apply and the
 //! adapter files store.
 
+pub mod adapter;
 pub mod dora;
 pub mod ia3;
 pub mod loha;
@@ -27,8 +28,8 @@ pub mod vera;
 pub mod weights;
 
 use crate::graph::Target;
-use crate::graph::{Graph, GraphHook, LinearSite, NormSite, Param, TensorId};
-use crate::model::{Model, Weight};
+use crate::graph::{Graph, GraphHook, LinearSite, NormSite, Param, SublayerSite, TensorId};
+use crate::model::{Activation, Model, Weight};
 use crate::{Error, Result};
 use lora::LoraConfig;
 use rand::{Rng, SeedableRng};
@@ -113,6 +114,23 @@ pub enum Effect {
     InScale(Vec<f32>),
     /// `y ⊙= v` after the norm of this weight (`v` its width).
     NormScale(Vec<f32>),
+    /// A bottleneck adapter on the sublayer whose output projection this
+    /// is: `y += scale·U·act(D·src)`, `src` its output (serial) or its
+    /// normalized input (parallel).
+    Bottleneck {
+        /// Width `r`.
+        size: usize,
+        /// `D (r, C)`.
+        down: Vec<f32>,
+        /// `U (C, r)`.
+        up: Vec<f32>,
+        /// Output multiplier.
+        scale: f32,
+        /// Reads the sublayer's input (else its output).
+        parallel: bool,
+        /// The activation.
+        act: Activation,
+    },
     /// `rows` virtual rows before every sequence: of the embeddings
     /// (prompt tuning, on the token embedding table) or of a layer's keys or
     /// values in the cache (prefix tuning, on `attn_k` / `attn_v`).
@@ -134,6 +152,7 @@ impl Effect {
             Effect::InScale(_) => "in_scale",
             Effect::NormScale(_) => "norm_scale",
             Effect::Prefix { .. } => "prefix",
+            Effect::Bottleneck { .. } => "bottleneck",
         }
     }
 
@@ -168,11 +187,15 @@ pub enum MethodKind {
     Prompt,
     /// Prefix tuning: trained key/value rows before every layer's sequence.
     Prefix,
+    /// Serial bottleneck adapters after each sublayer (Houlsby).
+    Adapter,
+    /// Parallel bottleneck adapters beside the feed-forward sublayer (He et al.).
+    ParallelAdapter,
 }
 
 impl MethodKind {
     /// Every method, in `--help` order.
-    pub const ALL: [MethodKind; 10] = [
+    pub const ALL: [MethodKind; 12] = [
         MethodKind::Lora,
         MethodKind::Dora,
         MethodKind::Vera,
@@ -183,6 +206,8 @@ impl MethodKind {
         MethodKind::Norm,
         MethodKind::Prompt,
         MethodKind::Prefix,
+        MethodKind::Adapter,
+        MethodKind::ParallelAdapter,
     ];
 
     /// The `--method` name.
@@ -198,6 +223,8 @@ impl MethodKind {
             MethodKind::Norm => "norm",
             MethodKind::Prompt => "prompt",
             MethodKind::Prefix => "prefix",
+            MethodKind::Adapter => "adapter",
+            MethodKind::ParallelAdapter => "parallel-adapter",
         }
     }
 
@@ -256,6 +283,8 @@ pub struct MethodSpec {
     pub pissa_iters: usize,
     /// Prompt and prefix tuning: virtual tokens.
     pub virtual_tokens: usize,
+    /// Bottleneck adapters: width.
+    pub adapter_size: usize,
     /// Prompt and prefix tuning: the text whose tokens start the virtual
     /// tokens (repeated to their number); `None`: a vocabulary sample.
     pub prompt_init: Option<String>,
@@ -270,6 +299,7 @@ impl Default for MethodSpec {
             ia3_targets: vec![Target::AttnK, Target::AttnV, Target::FfnDown],
             pissa_iters: 4,
             virtual_tokens: 16,
+            adapter_size: 64,
             prompt_init: None,
         }
     }
@@ -324,6 +354,9 @@ impl MethodSpec {
                 "--method: prompt and prefix each put virtual tokens first; use one of them".into(),
             ));
         }
+        if self.adapter_size == 0 {
+            return Err(Error::Invalid("--adapter-size must be at least 1".into()));
+        }
         if self.virtual_tokens == 0 {
             return Err(Error::Invalid("--virtual-tokens must be at least 1".into()));
         }
@@ -357,6 +390,18 @@ pub fn build(spec: &MethodSpec, lora: &LoraConfig, model: &Model) -> Result<Box<
             MethodKind::Norm => Box::new(norm::NormTuning::new(lora.layers, n_layers)),
             MethodKind::Prompt => Box::new(prompt::PromptTuning::new(spec, model)?),
             MethodKind::Prefix => Box::new(prefix::PrefixTuning::new(spec, model)?),
+            MethodKind::Adapter => Box::new(adapter::Bottleneck::new(
+                false,
+                spec.adapter_size,
+                lora.layers,
+                model,
+            )),
+            MethodKind::ParallelAdapter => Box::new(adapter::Bottleneck::new(
+                true,
+                spec.adapter_size,
+                lora.layers,
+                model,
+            )),
         });
     }
     Ok(if methods.len() == 1 {
@@ -393,6 +438,12 @@ impl GraphHook for Hybrid {
             .map(|m| m.virtual_tokens())
             .max()
             .unwrap_or(0)
+    }
+
+    fn sublayer(&self, g: &mut Graph, site: &SublayerSite, x: TensorId, y: TensorId) -> TensorId {
+        self.methods
+            .iter()
+            .fold(y, |y, m| m.sublayer(g, site, x, y))
     }
 
     fn embed(&self, g: &mut Graph, x: TensorId) -> TensorId {

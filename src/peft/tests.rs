@@ -29,6 +29,7 @@ pub(crate) fn method(kinds: &[MethodKind], model: &Model) -> Box<dyn Method> {
     let spec = MethodSpec {
         kinds: kinds.to_vec(),
         virtual_tokens: 3,
+        adapter_size: 4,
         ..MethodSpec::default()
     };
     let lora = LoraConfig {
@@ -105,6 +106,8 @@ const ALL_CASES: &[&[MethodKind]] = &[
     &[MethodKind::Norm],
     &[MethodKind::Prompt],
     &[MethodKind::Prefix],
+    &[MethodKind::Adapter],
+    &[MethodKind::ParallelAdapter],
     &[MethodKind::Dora, MethodKind::Ia3, MethodKind::Norm],
     &[MethodKind::Lora, MethodKind::Prompt],
 ];
@@ -365,6 +368,7 @@ fn every_method_s_saved_adapter_reloads_to_identical_outputs() {
             method: MethodSpec {
                 kinds: kinds.to_vec(),
                 virtual_tokens: 3,
+                adapter_size: 4,
                 ..MethodSpec::default()
             },
             lora: LoraConfig {

@@ -31,6 +31,16 @@ enum SiteEffect {
         rows: usize,
         values: Vec<f32>,
     },
+    Bottleneck {
+        size: usize,
+        /// `(size, C)`.
+        down: Vec<f32>,
+        /// `(C, size)`.
+        up: Vec<f32>,
+        scale: f32,
+        parallel: bool,
+        act: crate::model::Activation,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -116,6 +126,30 @@ impl AdapterWeights {
                 Effect::OutScale(v) => SiteEffect::OutScale(at_strength(v, strength)),
                 Effect::InScale(v) => SiteEffect::InScale(at_strength(v, strength)),
                 Effect::NormScale(v) => SiteEffect::NormScale(at_strength(v, strength)),
+                Effect::Bottleneck {
+                    size,
+                    down,
+                    up,
+                    scale,
+                    parallel,
+                    act,
+                } => {
+                    if size == 0 || down.len() % size != 0 || down.len() != up.len() {
+                        return bad(format!(
+                            "{} and {} values for a width of {size}",
+                            down.len(),
+                            up.len()
+                        ));
+                    }
+                    SiteEffect::Bottleneck {
+                        size,
+                        down,
+                        up,
+                        scale: scale * strength,
+                        parallel,
+                        act,
+                    }
+                }
                 Effect::Prefix { rows, values } => {
                     if strength != 1.0 {
                         return bad(format!(
@@ -180,6 +214,35 @@ impl AdapterWeights {
             SiteEffect::Prefix { values, .. } => Some(values.as_slice()),
             _ => None,
         })
+    }
+
+    /// The bottleneck adapters of the sublayer whose output projection is
+    /// `base`, on its output `y (n, C)`, given its normalized input `x`.
+    pub fn apply_sublayer(&self, base: &str, x: &[f32], y: &mut [f32]) {
+        use crate::backend::cpu::gemm::{Operand, matmul_into};
+        for e in self.by_base.get(base).into_iter().flatten() {
+            let SiteEffect::Bottleneck {
+                size,
+                down,
+                up,
+                scale,
+                parallel,
+                act,
+            } = e
+            else {
+                continue;
+            };
+            let (r, c) = (*size, down.len() / size);
+            let n = y.len() / c;
+            let src = if *parallel { x.to_vec() } else { y.to_vec() };
+            let mut h = vec![0.0; n * r];
+            let d = Operand::new(down, c).t();
+            matmul_into(n, r, c, Operand::new(&src, c), d, &mut h, r, false, 1);
+            crate::backend::cpu::ops::gated_activation(&mut h, &vec![1.0; n * r], *act);
+            h.iter_mut().for_each(|v| *v *= scale);
+            let u = Operand::new(up, r).t();
+            matmul_into(n, c, r, Operand::new(&h, r), u, y, c, true, 1);
+        }
     }
 
     /// The product of the input scales of `base`, if it has any.

@@ -532,6 +532,9 @@ impl<'m> CpuDecoder<'m> {
                 rms_norm(&mut o, w, s.norm_eps);
                 self.norm_effects(wp, &mut o);
             }
+            for a in &self.adapters {
+                a.apply_sublayer(&l.wo.name, &h, &mut o);
+            }
             add_assign(&mut x, &o);
 
             h.copy_from_slice(&x);
@@ -544,6 +547,9 @@ impl<'m> CpuDecoder<'m> {
             if let (Some(w), Some(wp)) = (&norms.post_ffn, &l.post_ffn_norm) {
                 rms_norm(&mut o, w, s.norm_eps);
                 self.norm_effects(wp, &mut o);
+            }
+            for a in &self.adapters {
+                a.apply_sublayer(&l.w_down.name, &h, &mut o);
             }
             add_assign(&mut x, &o);
         }
