@@ -44,7 +44,7 @@ pub struct BenchArgs {
 enum BenchWhat {
     /// LoRA training steps: tokens/s, planned and measured peak memory, and
     /// where one step's time goes.
-    Train(super::bench_train::TrainBenchArgs),
+    Train(Box<super::bench_train::TrainBenchArgs>),
     /// Serving many LoRA adapters on one base: requests with distinct
     /// adapters in one batch, against one request or one adapter at a time.
     Adapters(super::bench_adapters::AdapterBenchArgs),
@@ -61,7 +61,7 @@ fn parse_shape(s: &str) -> Result<[usize; 3], String> {
 
 pub fn run(a: BenchArgs) -> Result<(), Error> {
     match a.what {
-        Some(BenchWhat::Train(t)) => return super::bench_train::run(t),
+        Some(BenchWhat::Train(t)) => return super::bench_train::run(*t),
         Some(BenchWhat::Adapters(t)) => return super::bench_adapters::run(t),
         None => {}
     }
