@@ -48,6 +48,9 @@ enum BenchWhat {
     /// Serving many LoRA adapters on one base: requests with distinct
     /// adapters in one batch, against one request or one adapter at a time.
     Adapters(super::bench_adapters::AdapterBenchArgs),
+    /// Every PEFT method trained on the same data and steps: trainable
+    /// parameters, peak RSS, tokens/s, train and eval loss.
+    Methods(super::bench_methods::MethodBenchArgs),
 }
 
 fn parse_shape(s: &str) -> Result<[usize; 3], String> {
@@ -63,6 +66,7 @@ pub fn run(a: BenchArgs) -> Result<(), Error> {
     match a.what {
         Some(BenchWhat::Train(t)) => return super::bench_train::run(*t),
         Some(BenchWhat::Adapters(t)) => return super::bench_adapters::run(t),
+        Some(BenchWhat::Methods(t)) => return super::bench_methods::run(t),
         None => {}
     }
     let t = Instant::now();

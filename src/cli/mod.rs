@@ -3,7 +3,9 @@
 mod adapters;
 mod bench;
 mod bench_adapters;
+mod bench_methods;
 mod bench_train;
+mod config;
 mod generate;
 mod info;
 mod plan;
@@ -459,7 +461,20 @@ pub fn keep_going() -> ControlFlow<()> {
 
 /// Parse arguments, run the command, and turn errors into messages and exit codes.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let command = <Cli as clap::CommandFactory>::command();
+    let has = |sub: &str, long: &str| {
+        command
+            .find_subcommand(sub)
+            .is_some_and(|c| c.get_arguments().any(|a| a.get_long() == Some(long)))
+    };
+    let args = match config::expand(std::env::args_os().collect(), &has) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     // A second Ctrl-C while stopping is not caught again: the default applies.
     let _ = ctrlc::set_handler(|| {
         if INTERRUPTED.swap(true, Ordering::Relaxed) {

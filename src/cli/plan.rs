@@ -247,6 +247,12 @@ pub struct PlanArgs {
     lora: LoraArgs,
     #[command(flatten)]
     step: StepArgs,
+    /// Read options from a TOML file: each key a long option (`lr = 1e-3`,
+    /// `method = ["lora", "prompt"]`, `rslora = true`), plus `model` and
+    /// `data` for the paths; the command line overrides the file.
+    #[arg(long, value_name = "FILE")]
+    #[allow(dead_code)] // read by cli::config before parsing
+    config: Option<PathBuf>,
     #[command(flatten)]
     optim: OptimizerArgs,
     /// Print the plan as one JSON object (sizes in bytes).

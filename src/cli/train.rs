@@ -29,6 +29,12 @@ pub struct TrainArgs {
     /// are written there. It must not hold a run already, unless --resume.
     #[arg(long, short, value_name = "DIR")]
     out: PathBuf,
+    /// Read options from a TOML file: each key a long option (`lr = 1e-3`,
+    /// `method = ["lora", "prompt"]`, `rslora = true`), plus `model` and
+    /// `data` for the paths; the command line overrides the file.
+    #[arg(long, value_name = "FILE")]
+    #[allow(dead_code)] // read by cli::config before parsing
+    config: Option<PathBuf>,
     /// Continue the run checkpointed in --out, with its saved settings (the
     /// training options given now are not used).
     #[arg(long)]
