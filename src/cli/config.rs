@@ -194,10 +194,10 @@ mod tests {
         let want = [
             "edgetune",
             "plan",
-            "--method",
-            "lora,prompt",
             "--lr",
             "0.001",
+            "--method",
+            "lora,prompt",
             "--rslora",
             "--virtual-tokens",
             "8",
