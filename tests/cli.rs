@@ -365,9 +365,20 @@ fn plan_breaks_the_peak_down_and_refuses_a_budget_too_small() {
     let o = edgetune(&["plan", &m, "--memory-budget", "100MB"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("at least"), "{}", stderr(&o));
-    let o = edgetune(&["plan", &m, "--method", "dora"]);
+    let o = edgetune(&["plan", &m, "--method", "lora,dropout"]);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("not yet supported"), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("unknown method 'dropout'"),
+        "{}",
+        stderr(&o)
+    );
+    let o = edgetune(&["plan", &m, "--method", "lora,dora"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("rewrite the same linears"),
+        "{}",
+        stderr(&o)
+    );
     let o = edgetune(&["plan", &m, "--memory-budget", "12 parsecs"]);
     assert_eq!(o.status.code(), Some(2));
 }

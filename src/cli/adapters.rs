@@ -4,7 +4,7 @@ use super::{AdapterSpec, emit, keep_going, model_path, print_json, progress_bar,
 use clap::{Args, Subcommand, ValueEnum};
 use edgetune::Error;
 use edgetune::export::gguf_lora::{self, LoraFile};
-use edgetune::export::merge::{MergeType, logit_error, merge};
+use edgetune::export::merge::{MergeType, logit_error_weights, merge_weights};
 use edgetune::export::{AdapterFormat, find_adapters, load_adapter, peft};
 use edgetune::model::Model;
 use edgetune::tokenizer::Tokenizer;
@@ -117,18 +117,21 @@ pub fn merge_cmd(a: MergeArgs) -> Result<(), Error> {
         ));
     }
     let model = Model::open(&a.model)?;
-    let adapters = a
-        .adapters
-        .iter()
-        .map(|s| load_adapter(&s.path, &model).map(|l| (l, s.strength)))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut adapters = Vec::new();
+    for s in &a.adapters {
+        let w = edgetune::export::load_adapter_weights(&s.path, &model, s.strength)?;
+        let name = format!("{}:{}", edgetune::export::adapter_name(&s.path), s.strength);
+        adapters.push((name, std::sync::Arc::new(w)));
+    }
+    let refs: Vec<(String, &edgetune::peft::AdapterWeights)> =
+        adapters.iter().map(|(n, w)| (n.clone(), &**w)).collect();
     let ty = match a.ty {
         MergeTypeArg::F16 => MergeType::F16,
         MergeTypeArg::Q8_0 => MergeType::Q8_0,
         MergeTypeArg::Same => MergeType::Same,
     };
     let pb = progress_bar(0, "merging");
-    let r = merge(&model, &adapters, ty, &a.out, &mut |done, total| {
+    let r = merge_weights(&model, &refs, ty, &a.out, &mut |done, total| {
         pb.set_length(total as u64);
         pb.set_position(done as u64);
         keep_going()
@@ -141,7 +144,8 @@ pub fn merge_cmd(a: MergeArgs) -> Result<(), Error> {
         .iter()
         .map(|p| tok.encode(p, false))
         .collect::<Result<Vec<_>, _>>()?;
-    let (worst, mean) = logit_error(&model, &adapters, &merged, &prompts)?;
+    let weights: Vec<_> = adapters.iter().map(|(_, w)| w.clone()).collect();
+    let (worst, mean) = logit_error_weights(&model, &weights, &merged, &prompts)?;
     let size = std::fs::metadata(&a.out)
         .map_err(|e| Error::io(&a.out, e))?
         .len();

@@ -1,18 +1,22 @@
-//! Fold LoRA adapters into a base model: `W' = W + Σ sᵢ·Bᵢ·Aᵢ`, written
-//! as a whole GGUF model that needs no adapter at run time.
+//! Fold adapters into a base model: `W' = W + Σ sᵢ·Bᵢ·Aᵢ` for LoRA, and the
+//! same for every method whose effect is a change of weights (DoRA's
+//! per-row magnitude, (IA)³'s and norm tuning's scales, LoHa's and LoKr's
+//! dense updates), written as a whole GGUF model that needs no adapter at
+//! run time. Prompt and prefix tuning and bottleneck adapters add
+//! computation no weight holds: merging one is refused, naming it.
 //!
-//! Only the adapted tensors change: each is decoded to f32, the low-rank
-//! updates are added, and the sum is encoded in the chosen type. Every
+//! Only the adapted tensors change: each is decoded to f32, the effects
+//! are folded in ([`AdapterWeights::fold_into`]), and the result is encoded
+//! in the chosen type. Every
 //! other tensor and all metadata are copied byte for byte. Re-encoding in
 //! the base's own quantized type adds a rounding error on top of the
 //! adapter (the update is often smaller than one quantization step, so
 //! part of it is lost); f16 keeps it. [`logit_error`] measures the
 //! difference a merge makes against the base with the adapter applied.
 
-use super::gguf_lora::{LoraFile, LoraPair};
+use super::gguf_lora::LoraFile;
 use crate::backend::Logits;
 use crate::backend::cpu::CpuDecoder;
-use crate::backend::cpu::gemm::{Operand, matmul_into};
 use crate::gguf::{GgufWriter, Value, ValueType};
 use crate::model::Model;
 use crate::peft::AdapterWeights;
@@ -46,9 +50,9 @@ pub struct MergeReport {
     pub data_bytes: u64,
 }
 
-/// Merge `adapters` (each with a strength) into `model`'s tensors and write
-/// the whole model to `out` atomically. `progress(done, total)` is called per
-/// tensor; returning `Break` cancels before anything is written.
+/// Merge LoRA `adapters` (each with a strength) into `model`'s tensors and
+/// write the whole model to `out` atomically. `progress(done, total)` is
+/// called per tensor; returning `Break` cancels before anything is written.
 pub fn merge(
     model: &Model,
     adapters: &[(LoraFile, f32)],
@@ -56,20 +60,52 @@ pub fn merge(
     out: &Path,
     progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
 ) -> Result<MergeReport> {
-    let file = model.file();
-    let mut updates: HashMap<&str, Vec<(&LoraPair, f32)>> = HashMap::new();
+    let mut named = Vec::new();
     for (lora, strength) in adapters {
-        lora.check_base(file)?;
-        for p in &lora.pairs {
-            updates
-                .entry(p.base.as_str())
-                .or_default()
-                .push((p, lora.scale() * strength));
+        lora.check_base(model.file())?;
+        named.push((
+            lora_name(lora, *strength),
+            AdapterWeights::new(lora, *strength),
+        ));
+    }
+    let refs: Vec<(String, &AdapterWeights)> = named.iter().map(|(n, w)| (n.clone(), w)).collect();
+    merge_weights(model, &refs, ty, out, progress)
+}
+
+/// `general.name:strength` of a LoRA file, for the merged model's metadata.
+fn lora_name(l: &LoraFile, strength: f32) -> String {
+    let name = l
+        .metadata
+        .iter()
+        .find(|(k, _)| k == "general.name")
+        .map_or("adapter", |(_, v)| v.as_str());
+    format!("{name}:{strength}")
+}
+
+/// [`merge`] for adapters of any method, loaded for inference (at their
+/// strengths) and named for the merged model's metadata.
+pub fn merge_weights(
+    model: &Model,
+    adapters: &[(String, &AdapterWeights)],
+    ty: MergeType,
+    out: &Path,
+    progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+) -> Result<MergeReport> {
+    let file = model.file();
+    let mut updates: HashMap<&str, Vec<&AdapterWeights>> = HashMap::new();
+    for (_, a) in adapters {
+        for base in a.bases() {
+            if file.tensor(base).is_none() {
+                return Err(Error::Invalid(format!(
+                    "the adapter changes {base}, which the model does not have"
+                )));
+            }
+            updates.entry(base).or_default().push(a);
         }
     }
     if updates.is_empty() {
         return Err(Error::Invalid(
-            "nothing to merge: the adapters have no LoRA pairs".into(),
+            "nothing to merge: the adapters change no tensor".into(),
         ));
     }
     let mut w = GgufWriter::new();
@@ -80,17 +116,7 @@ pub fn merge(
             v => w.add_metadata(key.clone(), v.clone()),
         }
     }
-    let names: Vec<String> = adapters
-        .iter()
-        .map(|(l, s)| {
-            let name = l
-                .metadata
-                .iter()
-                .find(|(k, _)| k == "general.name")
-                .map_or("adapter", |(_, v)| v.as_str());
-            format!("{name}:{s}")
-        })
-        .collect();
+    let names: Vec<&str> = adapters.iter().map(|(n, _)| n.as_str()).collect();
     w.add_metadata("edgetune.merged_adapters", Value::String(names.join(", ")));
     let mut report = MergeReport {
         merged: Vec::new(),
@@ -109,7 +135,8 @@ pub fn merge(
             report.data_bytes += data.len() as u64;
             continue;
         };
-        let (n_in, n_out) = (t.dims[0] as usize, t.dims[1] as usize);
+        let n_in = t.dims[0] as usize;
+        let n_out = t.dims.get(1).map_or(1, |&d| d as usize);
         let mut wf = vec![0.0f32; n_in * n_out];
         let row_bytes = t.ty.row_bytes(n_in).ok_or_else(|| {
             Error::Invalid(format!(
@@ -121,25 +148,14 @@ pub fn merge(
         for (src, dst) in data.chunks_exact(row_bytes).zip(wf.chunks_exact_mut(n_in)) {
             dequantize_row(t.ty, src, dst)?;
         }
-        for (p, s) in ups {
-            let r = p.a.len() / n_in;
-            let b: Vec<f32> = p.b.iter().map(|v| v * s).collect();
-            // W (n_out × n_in) += (s·B) (n_out × r) · A (r × n_in).
-            matmul_into(
-                n_out,
-                n_in,
-                r,
-                Operand::new(&b, r),
-                Operand::new(&p.a, n_in),
-                &mut wf,
-                n_in,
-                true,
-                0,
-            );
+        for a in ups {
+            a.fold_into(&t.name, &mut wf, n_out, n_in)?;
         }
         let out_ty = match ty {
+            // Vectors (norms) keep f32, as converters write them.
+            _ if n_out == 1 => GgmlType::F32,
             MergeType::F16 => GgmlType::F16,
-            MergeType::Q8_0 if n_in % GgmlType::Q8_0.block_size() == 0 => GgmlType::Q8_0,
+            MergeType::Q8_0 if n_in.is_multiple_of(GgmlType::Q8_0.block_size()) => GgmlType::Q8_0,
             // Rows that do not split into blocks of 32 stay f16.
             MergeType::Q8_0 => GgmlType::F16,
             MergeType::Same => t.ty,
@@ -162,9 +178,23 @@ pub fn logit_error(
     merged: &Model,
     prompts: &[Vec<u32>],
 ) -> Result<(f64, f64)> {
+    let weights: Vec<Arc<AdapterWeights>> = adapters
+        .iter()
+        .map(|(l, s)| Arc::new(AdapterWeights::new(l, *s)))
+        .collect();
+    logit_error_weights(base, &weights, merged, prompts)
+}
+
+/// [`logit_error`] for adapters of any method, loaded for inference.
+pub fn logit_error_weights(
+    base: &Model,
+    adapters: &[Arc<AdapterWeights>],
+    merged: &Model,
+    prompts: &[Vec<u32>],
+) -> Result<(f64, f64)> {
     let mut with = CpuDecoder::new(base)?;
-    for (l, s) in adapters {
-        with.add_adapter(Arc::new(AdapterWeights::new(l, *s)));
+    for a in adapters {
+        with.add_adapter(a.clone());
     }
     let folded = CpuDecoder::new(merged)?;
     let (mut worst, mut sum, mut n) = (0.0f64, 0.0f64, 0usize);

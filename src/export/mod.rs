@@ -34,9 +34,43 @@ impl AdapterFormat {
     }
 }
 
-/// Read an adapter in either format for `model` and check it fits the
-/// model's tensors; errors name the file and what does not fit.
+/// Read a LoRA adapter in either format for `model` and check it fits the
+/// model's tensors; errors name the file and what does not fit. A method
+/// file ([`method_file`]) whose effects are all low-rank (VeRA) reads as
+/// the LoRA it amounts to; another method is an error naming `merge` and
+/// `--adapter`, which take it.
 pub fn load_adapter(path: &Path, model: &Model) -> Result<LoraFile> {
+    if !path.is_dir() && method_file::is_method_file(path) {
+        let f = method_file::read(path)?;
+        let label = f.method.spec.label();
+        let weights = AdapterWeights::from_effects(method_file::effects(&f, model, path)?, 1.0)?;
+        let Some(pairs) = weights.low_rank_pairs() else {
+            return Err(Error::Invalid(format!(
+                "{}: a {label} adapter is not a LoRA, so llama.cpp's GGUF LoRA and PEFT's LoRA \
+                 cannot hold it: fold it into the model with `edgetune merge`, or apply it with \
+                 --adapter",
+                path.display()
+            )));
+        };
+        let rank = pairs[0].1;
+        return Ok(LoraFile {
+            arch: f.arch,
+            rank,
+            // A′ carries the scale: alpha = rank makes it 1.
+            alpha: rank as f32,
+            pairs: pairs
+                .into_iter()
+                .map(|(base, r, a, b)| gguf_lora::LoraPair {
+                    base,
+                    n_in: a.len() / r,
+                    n_out: b.len() / r,
+                    a,
+                    b,
+                })
+                .collect(),
+            metadata: f.metadata,
+        });
+    }
     let file = match AdapterFormat::detect(path) {
         AdapterFormat::Peft => peft::read(path, &peft::HfLayout::of(model)?)?,
         AdapterFormat::Gguf if path.is_dir() => {

@@ -401,3 +401,60 @@ fn every_method_s_saved_adapter_reloads_to_identical_outputs() {
         );
     }
 }
+
+#[test]
+fn weight_changing_methods_merge_into_the_model_and_the_others_are_refused() {
+    use crate::export::merge::{MergeType, logit_error_weights, merge_weights};
+    let cfg = Cfg::llama(GgmlType::F32, 2);
+    let (dir, model) = tiny(&cfg);
+    let prompts = vec![
+        (0..8)
+            .map(|i| (i * 5 + 1) % cfg.n_vocab as u32)
+            .collect::<Vec<u32>>(),
+    ];
+    for kinds in ALL_CASES {
+        let what = label(kinds);
+        let m = method(kinds, &model);
+        let g = graph(&*m, &model, 1).unwrap();
+        let params = moved(&*m, &g, 1.0);
+        let map: ParamMap = g
+            .params
+            .iter()
+            .zip(&params)
+            .map(|(p, v)| (p.name.clone(), v.clone()))
+            .collect();
+        let w = AdapterWeights::from_effects(m.effects(&map, &model).unwrap(), 1.0).unwrap();
+        let out = dir.path().join(format!("{}.gguf", what.replace('+', "_")));
+        let r = merge_weights(
+            &model,
+            &[(what.clone(), &w)],
+            MergeType::Same,
+            &out,
+            &mut |_, _| std::ops::ControlFlow::Continue(()),
+        );
+        let runtime_only = kinds.iter().any(|k| {
+            matches!(
+                k,
+                MethodKind::Prompt
+                    | MethodKind::Prefix
+                    | MethodKind::Adapter
+                    | MethodKind::ParallelAdapter
+            )
+        });
+        if runtime_only {
+            let e = r.unwrap_err().to_string();
+            assert!(e.contains("--adapter"), "{what}: {e}");
+            assert!(
+                !out.exists(),
+                "{what}: a refused merge wrote {}",
+                out.display()
+            );
+            continue;
+        }
+        r.unwrap();
+        let merged = Model::open(&out).unwrap();
+        let (worst, _) =
+            logit_error_weights(&model, &[std::sync::Arc::new(w)], &merged, &prompts).unwrap();
+        assert!(worst < 1e-4, "{what}: merged logits differ by {worst}");
+    }
+}

@@ -8,6 +8,9 @@ use crate::backend::cpu::invariant;
 use crate::{Error, Result};
 use std::collections::HashMap;
 
+/// `(base, rank, A′ (rank, in) carrying the scale, B (out, rank))`.
+pub type LowRankPair = (String, usize, Vec<f32>, Vec<f32>);
+
 /// An adapter loaded for inference (LoRA, or any method's effects), keyed
 /// by the base tensor's name.
 #[derive(Debug, Clone, Default)]
@@ -185,6 +188,94 @@ impl AdapterWeights {
     /// Whether the base tensor named `base` is adapted.
     pub fn adapts(&self, base: &str) -> bool {
         self.by_base.contains_key(base)
+    }
+
+    /// The names of the tensors the adapter acts on, sorted.
+    pub fn bases(&self) -> Vec<&str> {
+        let mut v: Vec<&str> = self.by_base.keys().map(String::as_str).collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Fold the effects on `base` into its decoded weight `w` (`rows ×
+    /// cols`; a norm vector is one row): terms added and output scales
+    /// applied in order, then the input scales on the columns (they scale
+    /// what every term reads). Virtual tokens and bottleneck adapters add
+    /// computation no weight holds: an error naming the tensor.
+    pub fn fold_into(&self, base: &str, w: &mut [f32], rows: usize, cols: usize) -> Result<()> {
+        use crate::backend::cpu::gemm::{Operand, matmul_into};
+        let bad = |m: String| Err(Error::Invalid(format!("{base}: {m}")));
+        for e in self.by_base.get(base).into_iter().flatten() {
+            match e {
+                SiteEffect::LowRank(d) => {
+                    if (d.n_in, d.n_out) != (cols, rows) {
+                        return bad(format!(
+                            "a {} × {} update for a {rows} × {cols} weight",
+                            d.n_out, d.n_in
+                        ));
+                    }
+                    // W (rows × cols) += B (rows × r) · A′ (r × cols).
+                    let (b, a) = (Operand::new(&d.b, d.rank), Operand::new(&d.a, cols));
+                    matmul_into(rows, cols, d.rank, b, a, w, cols, true, 0);
+                }
+                SiteEffect::Dense { n_in, n_out, delta } => {
+                    if (*n_in, *n_out) != (cols, rows) {
+                        return bad(format!(
+                            "a {n_out} × {n_in} update for a {rows} × {cols} weight"
+                        ));
+                    }
+                    w.iter_mut().zip(delta).for_each(|(w, d)| *w += d);
+                }
+                SiteEffect::OutScale(v) | SiteEffect::NormScale(v) if rows == 1 => {
+                    w.iter_mut().zip(v).for_each(|(w, v)| *w *= v);
+                }
+                SiteEffect::OutScale(v) => {
+                    for (row, s) in w.chunks_exact_mut(cols).zip(v) {
+                        row.iter_mut().for_each(|w| *w *= s);
+                    }
+                }
+                SiteEffect::InScale(_) => {}
+                SiteEffect::NormScale(_) => return bad("a norm scale on a matrix".into()),
+                SiteEffect::Prefix { .. } => {
+                    return bad(
+                        "virtual tokens (prompt or prefix tuning) are not a change to any weight: \
+                         use the adapter at run time (--adapter)"
+                            .into(),
+                    );
+                }
+                SiteEffect::Bottleneck { .. } => {
+                    return bad(
+                        "a bottleneck adapter adds layers no weight holds: use it at run time \
+                         (--adapter)"
+                            .into(),
+                    );
+                }
+            }
+        }
+        if let Some(v) = self.in_scale(base) {
+            for row in w.chunks_exact_mut(cols) {
+                row.iter_mut().zip(&v).for_each(|(w, v)| *w *= v);
+            }
+        }
+        Ok(())
+    }
+
+    /// The adapter as GGUF LoRA pairs `(base, rank, A′, B)` (A′ carrying the
+    /// scale), when all its effects are low-rank of one rank: what
+    /// llama.cpp's LoRA can hold. `None` otherwise.
+    pub fn low_rank_pairs(&self) -> Option<Vec<LowRankPair>> {
+        let mut out = Vec::new();
+        for base in self.bases() {
+            for e in &self.by_base[base] {
+                let SiteEffect::LowRank(d) = e else {
+                    return None;
+                };
+                out.push((base.to_string(), d.rank, d.a.clone(), d.b.clone()));
+            }
+        }
+        let one_rank = out.windows(2).all(|w| w[0].1 == w[1].1);
+        let one_per_base = out.windows(2).all(|w| w[0].0 != w[1].0);
+        (one_rank && one_per_base && !out.is_empty()).then_some(out)
     }
 
     /// Whether every effect only adds a term beside a frozen product (LoRA,
