@@ -232,6 +232,25 @@ fn check_free(paths: &[PathBuf], force: bool) -> Result<(), Error> {
 /// and print what was written.
 fn convert(adapter: &Path, format: Format, out: &Path, o: &WriteOpts) -> Result<(), Error> {
     let model = Model::open(model_path(o.model.as_deref())?)?;
+    use edgetune::export::{method_file, peft_export};
+    if format == Format::Peft && !adapter.is_dir() && method_file::is_method_file(adapter) {
+        let f = method_file::read(adapter)?;
+        if peft_export::exports(&f.method.spec.kinds) {
+            let files = [out.join(peft::CONFIG_FILE), out.join(peft::WEIGHTS_FILE)];
+            check_free(&files, o.force)?;
+            method_file::method_for(&f, &model, adapter)?;
+            peft_export::write(out, &f, &model)?;
+            if o.json {
+                return print_json(&json!({"written": files, "method": f.method.spec.label()}));
+            }
+            let mut text = String::new();
+            for w in &files {
+                report!(text, "wrote {}", w.display());
+            }
+            report!(text, "a {} adapter in PEFT's format", f.method.spec.label());
+            return emit(&text);
+        }
+    }
     let lora = load_adapter(adapter, &model)?;
     let written = write(&lora, &model, format, out, o.f16, o.force)?;
     done(&lora, &written, o.json)

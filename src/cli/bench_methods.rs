@@ -221,8 +221,12 @@ fn bench(
         };
         // The mean of the last quarter of steps: one step's loss moves with
         // its batch.
-        let tail = &losses[losses.len() - (losses.len() / 4).max(1)..];
-        let train_loss = tail.iter().sum::<f64>() / tail.len() as f64;
+        let tail = &losses[losses.len() - (losses.len() / 4).max(1).min(losses.len())..];
+        let train_loss = if tail.is_empty() {
+            f64::NAN
+        } else {
+            tail.iter().sum::<f64>() / tail.len() as f64
+        };
         let eval = s["eval_history"]
             .as_array()
             .and_then(|h| h.last())

@@ -25,11 +25,12 @@ use std::path::Path;
 
 /// The command's arguments with a `--config FILE` (of `train` or `plan`)
 /// replaced by the file's options; other arguments are returned unchanged.
-/// `has(sub, long)` says whether subcommand `sub` has option `--long`.
-pub fn expand(
-    args: Vec<OsString>,
-    has: &dyn Fn(&str, &str) -> bool,
-) -> Result<Vec<OsString>, Error> {
+/// What the command line parser knows of an option: its long name and
+/// whether it takes a value.
+pub type Lookup<'a> = &'a dyn Fn(&str, &str) -> Option<(String, bool)>;
+
+/// `lookup(sub, "--long" | "-s")` describes subcommand `sub`'s option.
+pub fn expand(args: Vec<OsString>, lookup: Lookup) -> Result<Vec<OsString>, Error> {
     let sub = args.get(1).and_then(|a| a.to_str()).unwrap_or("");
     if !matches!(sub, "train" | "plan") {
         return Ok(args);
@@ -53,29 +54,57 @@ pub fn expand(
     let Some(file) = file else {
         return Ok(args);
     };
-    let given: Vec<String> = rest
-        .iter()
-        .filter_map(|a| a.to_str())
-        .filter_map(|a| a.strip_prefix("--"))
-        .map(|a| a.split('=').next().unwrap_or(a).to_string())
-        .collect();
-    let mut out: Vec<OsString> = args[..2].to_vec();
+    // The options and the number of paths the command line gives.
+    let (mut given, mut paths) = (Vec::new(), 0);
+    let mut i = 0;
+    while i < rest.len() {
+        let a = rest[i].to_string_lossy();
+        if a == "--" {
+            paths += rest.len() - i - 1;
+            break;
+        }
+        if a.starts_with('-') && a.len() > 1 {
+            let name = a.split('=').next().unwrap_or(&a);
+            if let Some((long, value)) = lookup(sub, name) {
+                given.push(long);
+                if value && !a.contains('=') && !(name.len() == 2 && a.len() > 2) {
+                    i += 1;
+                }
+            }
+        } else {
+            paths += 1;
+        }
+        i += 1;
+    }
     let train = sub == "train";
-    let keep = |name: &str| train || has(sub, name);
-    out.extend(options(&file, &given, train, &keep)?);
+    let keep = |name: &str| train || lookup(sub, &format!("--{name}")).is_some();
+    let (table, file_paths) = options(&file, &given, &keep)?;
+    let mut out: Vec<OsString> = args[..2].to_vec();
+    // The file's paths fill in what the command line leaves out: both when
+    // it gives none, the model before a lone DATA.
+    match (paths, train) {
+        (0, true) => out.extend(file_paths.model.into_iter().chain(file_paths.data)),
+        (0, false) | (1, true) => out.extend(file_paths.model),
+        _ => {}
+    }
+    out.extend(table);
     out.extend(rest);
     Ok(out)
 }
 
-/// The file's options as arguments, positional paths first (`data` only
-/// when `with_data`), skipping the options in `given` (long names without
-/// `--`) and those `keep` refuses.
+/// The `model` and `data` paths of a config file.
+struct Paths {
+    model: Option<OsString>,
+    data: Option<OsString>,
+}
+
+/// The file's options as `--name=value` arguments, skipping the options in
+/// `given` (long names) and those `keep` refuses, and its paths.
 fn options(
     file: &Path,
     given: &[String],
-    with_data: bool,
     keep: &dyn Fn(&str) -> bool,
-) -> Result<Vec<OsString>, Error> {
+) -> Result<(Vec<OsString>, Paths), Error> {
     let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
     let table: toml::Table = text
         .parse()
@@ -90,18 +119,17 @@ fn options(
             _ => return Err(bad(key, "expected a string, number or boolean")),
         })
     };
-    let mut positional = Vec::new();
-    let paths: &[&str] = if with_data {
-        &["model", "data"]
-    } else {
-        &["model"]
+    let path = |key: &str| -> Result<Option<OsString>, Error> {
+        table
+            .get(key)
+            .map(|v| scalar(key, v).map(OsString::from))
+            .transpose()
     };
-    for &key in paths {
-        if let Some(v) = table.get(key) {
-            positional.push(OsString::from(scalar(key, v)?));
-        }
-    }
-    let mut out = positional;
+    let paths = Paths {
+        model: path("model")?,
+        data: path("data")?,
+    };
+    let mut out = Vec::new();
     for (key, v) in &table {
         if key == "model" || key == "data" {
             continue;
@@ -109,6 +137,9 @@ fn options(
         let name = key.replace('_', "-");
         if name == "config" {
             return Err(bad(key, "a config file cannot name another"));
+        }
+        if v.is_table() {
+            return Err(bad(key, "tables are not options"));
         }
         if given.contains(&name) || !keep(&name) {
             continue;
@@ -121,17 +152,13 @@ fn options(
                     .iter()
                     .map(|i| scalar(key, i))
                     .collect::<Result<Vec<_>, _>>()?;
-                out.push(format!("--{name}").into());
-                out.push(parts.join(",").into());
+                out.push(format!("--{name}={}", parts.join(",")).into());
             }
             toml::Value::Table(_) => return Err(bad(key, "tables are not options")),
-            other => {
-                out.push(format!("--{name}").into());
-                out.push(scalar(key, other)?.into());
-            }
+            other => out.push(format!("--{name}={}", scalar(key, other)?).into()),
         }
     }
-    Ok(out)
+    Ok((out, paths))
 }
 
 #[cfg(test)]
@@ -142,71 +169,86 @@ mod tests {
         v.iter().map(OsString::from).collect()
     }
 
+    /// `train`'s and `plan`'s options as the tests need them.
+    fn lookup(sub: &str, name: &str) -> Option<(String, bool)> {
+        let long = match name {
+            "-o" => "out",
+            n => n.strip_prefix("--")?,
+        };
+        let known = [
+            "out",
+            "method",
+            "lr",
+            "rslora",
+            "virtual-tokens",
+            "train-on-prompt",
+        ];
+        if !known.contains(&long) || (sub == "plan" && long == "out") {
+            return None;
+        }
+        Some((
+            long.to_string(),
+            !matches!(long, "rslora" | "train-on-prompt"),
+        ))
+    }
+
+    fn strings(v: Vec<OsString>) -> Vec<String> {
+        v.into_iter().map(|a| a.into_string().unwrap()).collect()
+    }
+
     #[test]
     fn a_config_file_becomes_options_the_command_line_overrides() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("run.toml");
         std::fs::write(
             &f,
-            "data = \"notes.txt\"\nmethod = [\"lora\", \"prompt\"]\nlr = 0.001\nrslora = true\n\
-             train_on_prompt = false\nvirtual_tokens = 8\nout = \"runs/a\"\n",
+            "model = \"m.gguf\"\ndata = \"notes.txt\"\nmethod = [\"lora\", \"prompt\"]\n\
+             lr = -0.5\nrslora = true\ntrain_on_prompt = false\nvirtual_tokens = 8\nout = \"runs/a\"\n",
         )
         .unwrap();
+        let cfg = f.to_str().unwrap();
+        // The command line's -o and --lr win; the file's paths come first.
         let args = os(&[
-            "edgetune",
-            "train",
-            "--config",
-            f.to_str().unwrap(),
-            "--lr",
-            "0.01",
+            "edgetune", "train", "--config", cfg, "--lr", "0.01", "-o", "x",
         ]);
-        let has = |_: &str, long: &str| long != "out";
-        let got: Vec<String> = expand(args, &has)
-            .unwrap()
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect();
         let want = [
             "edgetune",
             "train",
+            "m.gguf",
             "notes.txt",
-            "--method",
-            "lora,prompt",
-            "--out",
-            "runs/a",
+            "--method=lora,prompt",
             "--rslora",
-            "--virtual-tokens",
-            "8",
+            "--virtual-tokens=8",
             "--lr",
             "0.01",
+            "-o",
+            "x",
         ];
-        assert_eq!(got, want);
-        // Other commands and runs without --config are untouched.
-        let plain = os(&["edgetune", "generate", "--config", "x"]);
-        assert_eq!(expand(plain.clone(), &has).unwrap(), plain);
-        // plan passes over data and the options it does not have.
-        let args = os(&["edgetune", "plan", "--config", f.to_str().unwrap()]);
-        let got: Vec<String> = expand(args, &has)
-            .unwrap()
-            .into_iter()
-            .map(|a| a.into_string().unwrap())
-            .collect();
+        assert_eq!(strings(expand(args, &lookup).unwrap()), want);
+        // A lone DATA on the command line gets the file's model before it.
+        let args = os(&["edgetune", "train", "other.txt", "--config", cfg]);
+        let got = strings(expand(args, &lookup).unwrap());
+        assert_eq!(&got[2..3], ["m.gguf"]);
+        assert_eq!(got.last().unwrap(), "other.txt");
+        // plan takes the model, not the data, nor the options it lacks.
+        let args = os(&["edgetune", "plan", "--config", cfg]);
         let want = [
             "edgetune",
             "plan",
-            "--lr",
-            "0.001",
-            "--method",
-            "lora,prompt",
+            "m.gguf",
+            "--lr=-0.5",
+            "--method=lora,prompt",
             "--rslora",
-            "--virtual-tokens",
-            "8",
+            "--virtual-tokens=8",
         ];
-        assert_eq!(got, want);
-        // Unknown value kinds are refused by key.
+        assert_eq!(strings(expand(args, &lookup).unwrap()), want);
+        // Other commands and runs without --config are untouched.
+        let plain = os(&["edgetune", "generate", "--config", "x"]);
+        assert_eq!(expand(plain.clone(), &lookup).unwrap(), plain);
+        // Tables are refused by key.
         std::fs::write(&f, "[lora]\nrank = 4\n").unwrap();
-        let args = os(&["edgetune", "plan", "--config", f.to_str().unwrap()]);
-        let e = expand(args, &has).unwrap_err().to_string();
+        let args = os(&["edgetune", "plan", "--config", cfg]);
+        let e = expand(args, &lookup).unwrap_err().to_string();
         assert!(e.contains("lora: tables are not options"), "{e}");
     }
 }

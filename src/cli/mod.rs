@@ -462,12 +462,15 @@ pub fn keep_going() -> ControlFlow<()> {
 /// Parse arguments, run the command, and turn errors into messages and exit codes.
 pub fn main() -> ExitCode {
     let command = <Cli as clap::CommandFactory>::command();
-    let has = |sub: &str, long: &str| {
-        command
-            .find_subcommand(sub)
-            .is_some_and(|c| c.get_arguments().any(|a| a.get_long() == Some(long)))
+    let lookup = |sub: &str, name: &str| {
+        let c = command.find_subcommand(sub)?;
+        let a = c.get_arguments().find(|a| match name.strip_prefix("--") {
+            Some(long) => a.get_long() == Some(long),
+            None => name.len() == 2 && a.get_short() == name.chars().nth(1),
+        })?;
+        Some((a.get_long()?.to_string(), a.get_action().takes_values()))
     };
-    let args = match config::expand(std::env::args_os().collect(), &has) {
+    let args = match config::expand(std::env::args_os().collect(), &lookup) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("error: {e}");

@@ -151,6 +151,14 @@ pub fn merge_weights(
         for a in ups {
             a.fold_into(&t.name, &mut wf, n_out, n_in)?;
         }
+        // Input scales scale what every adapter's terms read: last.
+        for a in ups {
+            if let Some(v) = a.in_scale(&t.name) {
+                for row in wf.chunks_exact_mut(n_in) {
+                    row.iter_mut().zip(&v).for_each(|(w, v)| *w *= v);
+                }
+            }
+        }
         let out_ty = match ty {
             // Vectors (norms) keep f32, as converters write them.
             _ if n_out == 1 => GgmlType::F32,

@@ -5,6 +5,7 @@ pub mod gguf_lora;
 pub mod merge;
 pub mod method_file;
 pub mod peft;
+pub mod peft_export;
 pub mod peft_methods;
 
 use crate::model::Model;

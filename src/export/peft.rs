@@ -121,14 +121,14 @@ pub(super) fn reorder_rows(b: &[f32], r: usize, from: impl Fn(usize) -> usize) -
 }
 
 /// Split a GGUF base name `blk.N.proj.weight` into (N, proj).
-fn split_gguf(base: &str) -> Option<(usize, &str)> {
+pub(super) fn split_gguf(base: &str) -> Option<(usize, &str)> {
     let rest = base.strip_prefix("blk.")?.strip_suffix(".weight")?;
     let (n, proj) = rest.split_once('.')?;
     Some((n.parse().ok()?, proj))
 }
 
 /// The PEFT module path (without `.lora_A.weight`) of a GGUF base name.
-fn hf_module(base: &str) -> Option<String> {
+pub(super) fn hf_module(base: &str) -> Option<String> {
     let (layer, proj) = split_gguf(base)?;
     let (_, module) = MODULES.iter().find(|(g, _)| *g == proj)?;
     Some(format!("{KEY_PREFIX}{layer}.{module}"))
@@ -342,14 +342,21 @@ pub fn read(dir: &Path, layout: &HfLayout) -> Result<LoraFile> {
 /// names exactly the adapted modules (PEFT matches a string with
 /// `re.fullmatch` against module names).
 fn targets(f: &LoraFile, layout: &HfLayout) -> Result<(Value, Value)> {
+    targets_of(f.pairs.iter().map(|p| p.base.as_str()), layout)
+}
+
+/// [`targets`] of the adapted base tensors `bases`.
+pub(super) fn targets_of<'a>(
+    bases: impl Iterator<Item = &'a str>,
+    layout: &HfLayout,
+) -> Result<(Value, Value)> {
     let mut set = BTreeSet::new();
-    for p in &f.pairs {
-        let (layer, proj) = split_gguf(&p.base)
+    for base in bases {
+        let (layer, proj) = split_gguf(base)
             .filter(|(_, proj)| MODULES.iter().any(|(g, _)| g == proj))
             .ok_or_else(|| {
                 Error::Invalid(format!(
-                    "tensor '{}' has no PEFT name (blk.N.<projection>.weight expected)",
-                    p.base
+                    "tensor '{base}' has no PEFT name (blk.N.<projection>.weight expected)"
                 ))
             })?;
         set.insert((layer, proj));
@@ -436,9 +443,7 @@ pub fn write(dir: &Path, f: &LoraFile, layout: &HfLayout) -> Result<()> {
                 .map_err(|e| Error::Invalid(format!("tensor '{k}': {e}")))
         })
         .collect::<Result<_>>()?;
-    let info = HashMap::from([("format".to_string(), "pt".to_string())]);
-    let bytes = safetensors::tensor::serialize(views, Some(info))
-        .map_err(|e| Error::Invalid(format!("{}: {e}", dir.join(WEIGHTS_FILE).display())))?;
+    let bytes = serialize(views, dir)?;
     let base_name = f
         .metadata
         .iter()
@@ -467,6 +472,13 @@ pub fn write(dir: &Path, f: &LoraFile, layout: &HfLayout) -> Result<()> {
     let text = serde_json::to_string_pretty(&config).expect("JSON values serialize");
     crate::train::checkpoint::write_atomic(&dir.join(WEIGHTS_FILE), &bytes)?;
     crate::train::checkpoint::write_atomic(&dir.join(CONFIG_FILE), text.as_bytes())
+}
+
+/// The safetensors bytes of `views`, as PEFT saves them (`format: pt`).
+pub(super) fn serialize(views: Vec<(String, TensorView)>, dir: &Path) -> Result<Vec<u8>> {
+    let info = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::tensor::serialize(views, Some(info))
+        .map_err(|e| Error::Invalid(format!("{}: {e}", dir.join(WEIGHTS_FILE).display())))
 }
 
 #[cfg(test)]

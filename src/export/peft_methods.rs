@@ -93,6 +93,12 @@ pub fn read_effects(dir: &Path, cfg: &Value, model: &Model) -> Result<Vec<(Strin
         return Err(bad("no adapter tensors".into()));
     }
     let num = |k: &str, default: f64| cfg.get(k).and_then(Value::as_f64).unwrap_or(default);
+    if matches!(ty, "LORA" | "VERA" | "LOHA" | "LOKR") && num("r", 8.0) < 1.0 {
+        return Err(field(format!(
+            "r is {}, at least 1 expected",
+            num("r", 8.0)
+        )));
+    }
     let spec = model.spec();
     let mut out = Vec::new();
     for ((layer, proj), m) in modules {

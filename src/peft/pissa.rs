@@ -40,6 +40,14 @@ impl Pissa {
         let (r, s) = (config.rank, config.scale());
         let mut init = HashMap::new();
         for (i, (_, _, w)) in super::sites(&config, model).enumerate() {
+            if r > w.rows.min(w.cols) {
+                return Err(crate::Error::Invalid(format!(
+                    "PiSSA rank {r} is more than {} × {} allows (its smaller side): use --rank {} or less",
+                    w.name,
+                    w.rows,
+                    w.rows.min(w.cols)
+                )));
+            }
             let wf = super::dequantize(model, w)?;
             let svd = super::svd::top_singular(&wf, w.rows, w.cols, r, spec.pissa_iters, i as u64);
             // s·B·A = U Σ Vᵀ with A = √(Σ/s)·Vᵀ, B = U·√(Σ/s).
@@ -87,7 +95,9 @@ impl GraphHook for Pissa {
         );
         let xin = dropped_input(g, &self.config, site, x);
         let y = low_rank_term(g, site.layer, xin, y, (a, b), s);
-        low_rank_term(g, site.layer, xin, y, (a0, b0), -s)
+        // The correction belongs to the frozen weight: it reads the input
+        // without dropout, as PEFT's residual weight does.
+        low_rank_term(g, site.layer, x, y, (a0, b0), -s)
     }
 }
 

@@ -458,3 +458,107 @@ fn weight_changing_methods_merge_into_the_model_and_the_others_are_refused() {
         assert!(worst < 1e-4, "{what}: merged logits differ by {worst}");
     }
 }
+
+#[test]
+fn methods_peft_has_export_to_peft_and_read_back_to_the_same_logits() {
+    use crate::export::{load_adapter_weights, method_file, peft_export};
+    use crate::train::TrainConfig;
+    use crate::train::adapter::{AdapterMeta, write_adapter};
+    let cfg = Cfg::llama(GgmlType::Q8_0, 2);
+    let (dir, model) = tiny(&cfg);
+    let tokens: Vec<u32> = (0..8).map(|i| (i * 5 + 1) % cfg.n_vocab as u32).collect();
+    let logits = |a: AdapterWeights| {
+        let mut dec = CpuDecoder::new(&model).unwrap();
+        dec.add_adapter(std::sync::Arc::new(a));
+        let mut s = dec.session(8).unwrap();
+        s.forward(&tokens, crate::backend::Logits::All).unwrap()
+    };
+    use crate::graph::Target;
+    let cases: &[(MethodKind, &[Target])] = &[
+        (MethodKind::Dora, &Target::ALL),
+        (MethodKind::Ia3, &Target::ALL),
+        (MethodKind::Loha, &Target::ALL),
+        (
+            MethodKind::Lokr,
+            &[Target::AttnV, Target::FfnUp, Target::FfnDown],
+        ),
+        (MethodKind::Prompt, &Target::ALL),
+        (MethodKind::Prefix, &Target::ALL),
+    ];
+    for &(kind, targets) in cases {
+        let what = kind.name();
+        let spec = MethodSpec {
+            kinds: vec![kind],
+            virtual_tokens: 3,
+            ..MethodSpec::default()
+        };
+        let lora = LoraConfig {
+            rank: 2,
+            alpha: 4.0,
+            targets: targets.to_vec(),
+            ..LoraConfig::default()
+        };
+        let m = build(&spec, &lora, &model).unwrap();
+        let g = graph(&*m, &model, 1).unwrap();
+        let params = moved(&*m, &g, 1.0);
+        let names: Vec<String> = g.params.iter().map(|p| p.name.clone()).collect();
+        let config = TrainConfig {
+            method: spec,
+            lora,
+            ..TrainConfig::default()
+        };
+        let meta = AdapterMeta {
+            config: &config,
+            steps: 1,
+            base: model.file().path(),
+        };
+        let file = dir.path().join(format!("{what}.gguf"));
+        write_adapter(&file, &model, &*m, &names, &params, &meta).unwrap();
+        let want = logits(load_adapter_weights(&file, &model, 1.0).unwrap());
+        let out = dir.path().join(format!("{what}-peft"));
+        peft_export::write(&out, &method_file::read(&file).unwrap(), &model).unwrap();
+        let got = logits(load_adapter_weights(&out, &model, 1.0).unwrap());
+        let worst = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            worst < 1e-4,
+            "{what}: logits after a PEFT round trip differ by {worst}"
+        );
+    }
+    // LoKr on llama's q (rows permuted by head) is refused, naming merge.
+    let spec = MethodSpec {
+        kinds: vec![MethodKind::Lokr],
+        ..MethodSpec::default()
+    };
+    let lora = LoraConfig {
+        rank: 2,
+        ..LoraConfig::default()
+    };
+    let m = build(&spec, &lora, &model).unwrap();
+    let g = graph(&*m, &model, 1).unwrap();
+    let params = m.init(&g, 1);
+    let names: Vec<String> = g.params.iter().map(|p| p.name.clone()).collect();
+    let config = TrainConfig {
+        method: spec,
+        lora,
+        ..TrainConfig::default()
+    };
+    let meta = AdapterMeta {
+        config: &config,
+        steps: 1,
+        base: model.file().path(),
+    };
+    let file = dir.path().join("lokr_q.gguf");
+    write_adapter(&file, &model, &*m, &names, &params, &meta).unwrap();
+    let e = peft_export::write(
+        &dir.path().join("x"),
+        &method_file::read(&file).unwrap(),
+        &model,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("merge"), "{e}");
+}

@@ -199,9 +199,11 @@ impl AdapterWeights {
 
     /// Fold the effects on `base` into its decoded weight `w` (`rows ×
     /// cols`; a norm vector is one row): terms added and output scales
-    /// applied in order, then the input scales on the columns (they scale
-    /// what every term reads). Virtual tokens and bottleneck adapters add
-    /// computation no weight holds: an error naming the tensor.
+    /// applied in order. Input scales are not applied: they scale what
+    /// every adapter's terms read, so a merge multiplies the columns by
+    /// all adapters' [`AdapterWeights::in_scale`] once they are all folded.
+    /// Virtual tokens and bottleneck adapters add computation no weight
+    /// holds: an error naming the tensor.
     pub fn fold_into(&self, base: &str, w: &mut [f32], rows: usize, cols: usize) -> Result<()> {
         use crate::backend::cpu::gemm::{Operand, matmul_into};
         let bad = |m: String| Err(Error::Invalid(format!("{base}: {m}")));
@@ -250,11 +252,6 @@ impl AdapterWeights {
                             .into(),
                     );
                 }
-            }
-        }
-        if let Some(v) = self.in_scale(base) {
-            for row in w.chunks_exact_mut(cols) {
-                row.iter_mut().zip(&v).for_each(|(w, v)| *w *= v);
             }
         }
         Ok(())

@@ -330,6 +330,19 @@ impl<'m> CpuDecoder<'m> {
         if n == 0 || !cache.is_empty() {
             return Ok(());
         }
+        if self
+            .adapters
+            .iter()
+            .filter(|a| a.virtual_rows() > 0)
+            .count()
+            > 1
+        {
+            return Err(Error::Invalid(
+                "two adapters put virtual tokens first (prompt or prefix tuning): apply one of \
+                 them at a time"
+                    .into(),
+            ));
+        }
         let s = self.spec();
         let prompt = self
             .adapters
