@@ -5,7 +5,7 @@ use clap::{Args, Subcommand, ValueEnum};
 use edgetune::Error;
 use edgetune::export::gguf_lora::{self, LoraFile};
 use edgetune::export::merge::{MergeType, logit_error_weights, merge_weights};
-use edgetune::export::{AdapterFormat, find_adapters, load_adapter, peft};
+use edgetune::export::{AdapterFormat, find_adapters, load_adapter, method_file, peft};
 use edgetune::model::Model;
 use edgetune::tokenizer::Tokenizer;
 use serde_json::json;
@@ -232,7 +232,7 @@ fn check_free(paths: &[PathBuf], force: bool) -> Result<(), Error> {
 /// and print what was written.
 fn convert(adapter: &Path, format: Format, out: &Path, o: &WriteOpts) -> Result<(), Error> {
     let model = Model::open(model_path(o.model.as_deref())?)?;
-    use edgetune::export::{method_file, peft_export};
+    use edgetune::export::peft_export;
     if format == Format::Peft && !adapter.is_dir() && method_file::is_method_file(adapter) {
         let f = method_file::read(adapter)?;
         if peft_export::exports(&f.method.spec.kinds) {
@@ -357,6 +357,27 @@ fn describe(path: &Path, format: AdapterFormat, lora: &LoraFile) -> serde_json::
     })
 }
 
+/// A method file ([`method_file`]) in the shape of [`describe`]'s.
+fn describe_method(path: &Path, f: &edgetune::export::method_file::MethodFile) -> serde_json::Value {
+    let params: usize = f.tensors.iter().map(|(_, v)| v.len()).sum();
+    let layers: BTreeSet<usize> = f
+        .tensors
+        .iter()
+        .filter_map(|(n, _)| n.strip_prefix("blk.")?.split('.').next()?.parse().ok())
+        .collect();
+    let low_rank = f.method.spec.kinds.iter().any(|k| k.is_reparameterized());
+    json!({
+        "path": path,
+        "format": "gguf",
+        "method": f.method.spec.label(),
+        "arch": f.arch,
+        "rank": if low_rank { json!(f.method.lora.rank) } else { serde_json::Value::Null },
+        "tensors": f.tensors.len(),
+        "parameters": params,
+        "layers": layers,
+    })
+}
+
 fn print_description(d: &serde_json::Value) -> Result<(), Error> {
     let mut out = String::new();
     report!(
@@ -410,6 +431,20 @@ pub fn run(c: AdaptersCommand) -> Result<(), Error> {
             json,
         } => {
             let format = AdapterFormat::detect(&adapter);
+            if format == AdapterFormat::Gguf && method_file::is_method_file(&adapter) {
+                let f = method_file::read(&adapter)?;
+                let d = describe_method(&adapter, &f);
+                if json {
+                    return print_json(&d);
+                }
+                let mut out = String::new();
+                report!(out, "adapter     {}", adapter.display());
+                report!(out, "method      {} (an edgetune method file)", f.method.spec.label());
+                report!(out, "arch        {}", f.arch);
+                report!(out, "tensors     {}", f.tensors.len());
+                report!(out, "parameters  {}", d["parameters"]);
+                return emit(&out);
+            }
             let lora = match format {
                 AdapterFormat::Gguf => gguf_lora::read(&adapter)?,
                 AdapterFormat::Peft => {
@@ -457,6 +492,22 @@ pub fn run(c: AdaptersCommand) -> Result<(), Error> {
                             v["peft_type"].as_str().unwrap_or("?"),
                             v["r"],
                             v["lora_alpha"]
+                        );
+                    }
+                    continue;
+                }
+                if method_file::is_method_file(&path) {
+                    let f = method_file::read(&path)?;
+                    if json {
+                        report!(out, "{}", describe_method(&path, &f));
+                    } else {
+                        report!(
+                            out,
+                            "{:<40} gguf  {} {} tensors={}",
+                            path.display(),
+                            f.arch,
+                            f.method.spec.label(),
+                            f.tensors.len()
                         );
                     }
                     continue;
