@@ -358,7 +358,10 @@ fn describe(path: &Path, format: AdapterFormat, lora: &LoraFile) -> serde_json::
 }
 
 /// A method file ([`method_file`]) in the shape of [`describe`]'s.
-fn describe_method(path: &Path, f: &edgetune::export::method_file::MethodFile) -> serde_json::Value {
+fn describe_method(
+    path: &Path,
+    f: &edgetune::export::method_file::MethodFile,
+) -> serde_json::Value {
     let params: usize = f.tensors.iter().map(|(_, v)| v.len()).sum();
     let layers: BTreeSet<usize> = f
         .tensors
@@ -439,7 +442,11 @@ pub fn run(c: AdaptersCommand) -> Result<(), Error> {
                 }
                 let mut out = String::new();
                 report!(out, "adapter     {}", adapter.display());
-                report!(out, "method      {} (an edgetune method file)", f.method.spec.label());
+                report!(
+                    out,
+                    "method      {} (an edgetune method file)",
+                    f.method.spec.label()
+                );
                 report!(out, "arch        {}", f.arch);
                 report!(out, "tensors     {}", f.tensors.len());
                 report!(out, "parameters  {}", d["parameters"]);

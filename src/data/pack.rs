@@ -36,6 +36,19 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// The batch as a training step's inputs, with the gradient's
+    /// `loss_scale` and the dropout `seed`.
+    pub fn step_inputs(&self, loss_scale: f32, seed: u64) -> crate::graph::StepInputs<'_> {
+        crate::graph::StepInputs {
+            tokens: &self.tokens,
+            targets: &self.targets,
+            positions: &self.positions,
+            seg_start: &self.seg_start,
+            loss_scale,
+            seed,
+        }
+    }
+
     /// The batch with `n` virtual tokens (prompt or prefix tuning) before
     /// every row: token 0 at positions `0..n`, no targets, their own
     /// segment; the row's tokens follow at positions `n…`, their segment

@@ -363,34 +363,15 @@ impl DecoderSpec {
         self.weights().into_iter().find(|w| w.name == name)
     }
 
-    /// Number of parameters in the file's tensors that the decoder uses.
+    /// Number of parameters in the file's tensors that the decoder uses
+    /// (a tied output matrix counted once).
     pub fn n_params(&self) -> usize {
-        let mut n = self.token_embd.numel() + self.output_norm.numel();
-        if self.output.name != self.token_embd.name {
-            n += self.output.numel();
-        }
-        for l in &self.layers {
-            for w in [
-                &l.attn_norm,
-                &l.wq,
-                &l.wk,
-                &l.wv,
-                &l.wo,
-                &l.ffn_norm,
-                &l.w_gate,
-                &l.w_up,
-                &l.w_down,
-            ] {
-                n += w.numel();
-            }
-            for w in [&l.q_norm, &l.k_norm, &l.post_attn_norm, &l.post_ffn_norm]
-                .into_iter()
-                .flatten()
-            {
-                n += w.numel();
-            }
-        }
-        n
+        let mut seen = std::collections::HashSet::new();
+        self.weights()
+            .into_iter()
+            .filter(|w| seen.insert(w.name.as_str()))
+            .map(Weight::numel)
+            .sum()
     }
 
     fn validate(&self, file: &GgufFile) -> Result<()> {

@@ -134,11 +134,7 @@ impl Method for Dora {
     }
 
     fn lr_multiplier(&self, name: &str) -> f32 {
-        if name.ends_with(".lora_b") {
-            self.config.lr_ratio_b
-        } else {
-            1.0
-        }
+        self.config.lr_multiplier(name)
     }
 
     fn effects(&self, params: &ParamMap, model: &Model) -> Result<Vec<(String, Effect)>> {

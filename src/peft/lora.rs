@@ -77,6 +77,16 @@ impl LoraConfig {
         self.layers.contains(n_layers, layer) && self.targets.contains(&target)
     }
 
+    /// LoRA+: the learning-rate multiplier of parameter `name` (`B`'s
+    /// ratio for a `….lora_b`, else 1).
+    pub fn lr_multiplier(&self, name: &str) -> f32 {
+        if name.ends_with(".lora_b") {
+            self.lr_ratio_b
+        } else {
+            1.0
+        }
+    }
+
     /// Check the values a user can get wrong.
     pub fn validate(&self, n_layers: usize) -> Result<()> {
         if self.rank == 0 {
@@ -234,11 +244,7 @@ impl Method for Lora {
     }
 
     fn lr_multiplier(&self, name: &str) -> f32 {
-        if name.ends_with(".lora_b") {
-            self.config.lr_ratio_b
-        } else {
-            1.0
-        }
+        self.config.lr_multiplier(name)
     }
 
     fn effects(&self, params: &ParamMap, _model: &Model) -> Result<Vec<(String, Effect)>> {

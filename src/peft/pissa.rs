@@ -121,11 +121,7 @@ impl Method for Pissa {
     }
 
     fn lr_multiplier(&self, name: &str) -> f32 {
-        if name.ends_with(".lora_b") {
-            self.config.lr_ratio_b
-        } else {
-            1.0
-        }
+        self.config.lr_multiplier(name)
     }
 
     /// One rank-`2r` low-rank effect per weight: `[s·A; −s·A₀]`, `[B, B₀]`.

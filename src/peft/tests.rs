@@ -9,7 +9,7 @@ use crate::backend::cpu::CpuDecoder;
 use crate::backend::cpu::train::CpuStep;
 use crate::data::Batch;
 use crate::graph::testing::tiny_batch;
-use crate::graph::{DecoderGraph, Graph, MemoryPlan, StepInputs, autodiff};
+use crate::graph::{DecoderGraph, Graph, MemoryPlan, autodiff};
 use crate::model::Model;
 use crate::model::tiny::{Cfg, values, write_model};
 use crate::quant::GgmlType;
@@ -62,18 +62,6 @@ fn batch_for(m: &dyn Method, vocab: usize) -> Batch {
         seg_start: t.seg_start,
     };
     b.with_virtual(m.virtual_tokens())
-}
-
-/// The step inputs of `b` (dropout seed 5).
-fn inputs(b: &Batch, loss_scale: f32) -> StepInputs<'_> {
-    StepInputs {
-        tokens: &b.tokens,
-        targets: &b.targets,
-        positions: &b.positions,
-        seg_start: &b.seg_start,
-        loss_scale,
-        seed: 5,
-    }
 }
 
 /// Initial values moved off the start (where B = 0 or a scale = 1 would
@@ -178,13 +166,13 @@ fn every_method_s_gradients_match_finite_differences_on_the_cpu() {
             let batch = batch_for(&*m, cfg.n_vocab);
             let params = moved(&*m, &g, 0.2);
             let mut step = CpuStep::new(&model, g.clone(), MemoryPlan::new(&g), 2).unwrap();
-            let (_, count) = step.run(&inputs(&batch, 1.0), &params).unwrap();
+            let (_, count) = step.run(&batch.step_inputs(1.0, 5), &params).unwrap();
             let scale = 1.0 / count as f32;
-            step.run(&inputs(&batch, scale), &params).unwrap();
+            step.run(&batch.step_inputs(scale, 5), &params).unwrap();
             let grads: Vec<Vec<f32>> = (0..g.params.len()).map(|i| step.grad(i).to_vec()).collect();
             let mut fwd = CpuStep::new(&model, g.clone(), MemoryPlan::new(&g), 2).unwrap();
             check_all(&what, &g, &params, &grads, (1, 4), &mut |ps| {
-                fwd.run(&inputs(&batch, scale), ps).unwrap().0 * f64::from(scale)
+                fwd.run(&batch.step_inputs(scale, 5), ps).unwrap().0 * f64::from(scale)
             });
         }
     }
@@ -207,11 +195,11 @@ fn every_method_s_gradients_match_finite_differences_on_the_gpu() {
         let batch = batch_for(&*m, cfg.n_vocab);
         let params = moved(&*m, &g, 0.2);
         let mut cpu = CpuStep::new(&model, g.clone(), MemoryPlan::new(&g), 2).unwrap();
-        let (_, count) = cpu.run(&inputs(&batch, 1.0), &params).unwrap();
+        let (_, count) = cpu.run(&batch.step_inputs(1.0, 5), &params).unwrap();
         let scale = 1.0 / count as f32;
-        let (cpu_sum, _) = cpu.run(&inputs(&batch, scale), &params).unwrap();
+        let (cpu_sum, _) = cpu.run(&batch.step_inputs(scale, 5), &params).unwrap();
         let mut gpu = GpuStep::new(ctx.clone(), &model, g.clone(), MemoryPlan::new(&g)).unwrap();
-        let (sum, _) = gpu.run(&inputs(&batch, scale), &params).unwrap();
+        let (sum, _) = gpu.run(&batch.step_inputs(scale, 5), &params).unwrap();
         assert!(
             (sum - cpu_sum).abs() < 1e-4 * cpu_sum,
             "{what}: loss {sum} vs cpu {cpu_sum}"
@@ -237,7 +225,7 @@ fn every_method_s_gradients_match_finite_differences_on_the_gpu() {
         // The GPU's own forward passes as the finite differences (a sample:
         // a pass costs tens of milliseconds on a software driver).
         check_all(&what, &g, &params, &grads, (4, 1), &mut |ps| {
-            gpu.run(&inputs(&batch, scale), ps).unwrap().0 * f64::from(scale)
+            gpu.run(&batch.step_inputs(scale, 5), ps).unwrap().0 * f64::from(scale)
         });
     }
 }
@@ -261,9 +249,9 @@ fn training_every_method_lowers_the_loss() {
         let mut step = CpuStep::new(&model, g.clone(), MemoryPlan::new(&g), 2).unwrap();
         let mut losses = Vec::new();
         for _ in 0..40 {
-            let (_, count) = step.run(&inputs(&batch, 1.0), &params).unwrap();
+            let (_, count) = step.run(&batch.step_inputs(1.0, 5), &params).unwrap();
             let (sum, _) = step
-                .run(&inputs(&batch, 1.0 / count as f32), &params)
+                .run(&batch.step_inputs(1.0 / count as f32, 5), &params)
                 .unwrap();
             losses.push(sum / count as f64);
             let grads: Vec<Vec<f32>> = (0..g.params.len()).map(|i| step.grad(i).to_vec()).collect();
@@ -303,7 +291,7 @@ fn every_method_s_inference_effects_reproduce_the_graph_s_loss() {
             let b = one.with_virtual(m.virtual_tokens());
             let params = moved(&*m, &g, 1.0);
             let mut step = CpuStep::new(&model, g.clone(), MemoryPlan::new(&g), 2).unwrap();
-            let (sum, _) = step.run(&inputs(&b, 1.0), &params).unwrap();
+            let (sum, _) = step.run(&b.step_inputs(1.0, 5), &params).unwrap();
             let map: ParamMap = g
                 .params
                 .iter()

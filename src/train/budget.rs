@@ -62,40 +62,14 @@ pub struct PlannedStep {
     pub report: MemoryReport,
 }
 
-/// Bytes of every tensor the decoder reads.
+/// Bytes of every tensor the decoder reads (a tied output matrix once).
 pub fn weight_bytes(spec: &DecoderSpec) -> u64 {
     let mut names = BTreeSet::new();
-    let mut total = 0u64;
-    let mut add = |w: &crate::model::Weight| {
-        if names.insert(w.name.clone()) {
-            total += (w.row_bytes() * w.rows) as u64;
-        }
-    };
-    add(&spec.token_embd);
-    add(&spec.output_norm);
-    add(&spec.output);
-    for l in &spec.layers {
-        for w in [
-            &l.attn_norm,
-            &l.wq,
-            &l.wk,
-            &l.wv,
-            &l.wo,
-            &l.ffn_norm,
-            &l.w_gate,
-            &l.w_up,
-            &l.w_down,
-        ] {
-            add(w);
-        }
-        for w in [&l.q_norm, &l.k_norm, &l.post_attn_norm, &l.post_ffn_norm]
-            .into_iter()
-            .flatten()
-        {
-            add(w);
-        }
-    }
-    total
+    spec.weights()
+        .into_iter()
+        .filter(|w| names.insert(w.name.as_str()))
+        .map(|w| (w.row_bytes() * w.rows) as u64)
+        .sum()
 }
 
 /// What is fixed for a run while the plan is searched.

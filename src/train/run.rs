@@ -9,7 +9,7 @@ use super::schedule::LrSchedule;
 use super::{checkpoint, plot};
 use crate::backend::gpu::train::GpuOptim;
 use crate::data::{self, Batch, DataOptions, Dataset, Packer, PackerState};
-use crate::graph::{DecoderGraph, MemoryPlan, StepInputs};
+use crate::graph::{DecoderGraph, MemoryPlan};
 use crate::model::Model;
 use crate::peft::Method;
 use crate::tokenizer::{ChatTemplate, Tokenizer};
@@ -193,17 +193,6 @@ fn micro_seed(seed: u64, step: u64, micro: usize) -> u64 {
     z ^ (z >> 29)
 }
 
-fn inputs(b: &Batch, loss_scale: f32, seed: u64) -> StepInputs<'_> {
-    StepInputs {
-        tokens: &b.tokens,
-        targets: &b.targets,
-        positions: &b.positions,
-        seg_start: &b.seg_start,
-        loss_scale,
-        seed,
-    }
-}
-
 /// Load training and held-out data, reporting bad lines before any work.
 fn load_data(req: &TrainRequest, cfg: &TrainConfig) -> Result<(Dataset, Dataset)> {
     let opts = DataOptions {
@@ -266,7 +255,7 @@ fn evaluate(
     let (mut sum, mut count) = (0.0, 0);
     for b in data::eval_batches(eval, seq, micro) {
         let b = b.with_virtual(n);
-        let (s, c) = step.run(&inputs(&b, 0.0, 0), params)?;
+        let (s, c) = step.run(&b.step_inputs(0.0, 0), params)?;
         sum += s;
         count += c;
     }
@@ -498,7 +487,9 @@ pub fn train(
             let mut loss = |p: &[Vec<f32>]| -> Result<f64> {
                 let mut sum = 0.0;
                 for (mi, b) in batches.iter().enumerate() {
-                    sum += step.run(&inputs(b, 0.0, micro_seed(cfg.seed, s, mi)), p)?.0;
+                    sum += step
+                        .run(&b.step_inputs(0.0, micro_seed(cfg.seed, s, mi)), p)?
+                        .0;
                 }
                 Ok(sum / targets as f64)
             };
@@ -522,7 +513,7 @@ pub fn train(
                 t: st.adam.step + 1,
             };
             let seed = micro_seed(cfg.seed, s, 0);
-            let r = g.train_step(&inputs(&batches[0], 1.0 / targets as f32, seed), &opt)?;
+            let r = g.train_step(&batches[0].step_inputs(1.0 / targets as f32, seed), &opt)?;
             (loss_sum, norm) = (r.nll_sum, f64::from(r.grad_norm));
             if r.skipped {
                 skipped = Some(if loss_sum.is_finite() {
@@ -537,8 +528,10 @@ pub fn train(
         } else {
             let scale = 1.0 / targets as f32;
             for (mi, b) in batches.iter().enumerate() {
-                let (l, _) =
-                    step.run(&inputs(b, scale, micro_seed(cfg.seed, s, mi)), &st.params)?;
+                let (l, _) = step.run(
+                    &b.step_inputs(scale, micro_seed(cfg.seed, s, mi)),
+                    &st.params,
+                )?;
                 loss_sum += l;
                 for (i, g) in grads.iter_mut().enumerate() {
                     step.read_grad(i, g, mi > 0)?;
