@@ -235,20 +235,30 @@ fn convert(adapter: &Path, format: Format, out: &Path, o: &WriteOpts) -> Result<
     use edgetune::export::peft_export;
     if format == Format::Peft && !adapter.is_dir() && method_file::is_method_file(adapter) {
         let f = method_file::read(adapter)?;
+        let vera = f.method.spec.kinds == [edgetune::peft::MethodKind::Vera];
         if peft_export::exports(&f.method.spec.kinds) {
             let files = [out.join(peft::CONFIG_FILE), out.join(peft::WEIGHTS_FILE)];
             check_free(&files, o.force)?;
             method_file::method_for(&f, &model, adapter)?;
-            peft_export::write(out, &f, &model)?;
-            if o.json {
-                return print_json(&json!({"written": files, "method": f.method.spec.label()}));
+            match peft_export::write(out, &f, &model) {
+                Ok(()) => {
+                    if o.json {
+                        return print_json(
+                            &json!({"written": files, "method": f.method.spec.label()}),
+                        );
+                    }
+                    let mut text = String::new();
+                    for w in &files {
+                        report!(text, "wrote {}", w.display());
+                    }
+                    report!(text, "a {} adapter in PEFT's format", f.method.spec.label());
+                    return emit(&text);
+                }
+                // VeRA on llama's q/k has no PEFT VeRA form: the LoRA it
+                // amounts to, below.
+                Err(e) if vera => eprintln!("note: {e}; writing the LoRA it amounts to instead"),
+                Err(e) => return Err(e),
             }
-            let mut text = String::new();
-            for w in &files {
-                report!(text, "wrote {}", w.display());
-            }
-            report!(text, "a {} adapter in PEFT's format", f.method.spec.label());
-            return emit(&text);
         }
     }
     let lora = load_adapter(adapter, &model)?;

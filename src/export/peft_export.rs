@@ -1,11 +1,11 @@
 //! Method files ([`super::method_file`]) written as Hugging Face PEFT
-//! directories, for the methods PEFT has: DoRA (`use_dora`), (IA)³, LoHa,
-//! LoKr, prompt tuning and prefix tuning — the inverse of
+//! directories, for the methods PEFT has: DoRA (`use_dora`), VeRA, (IA)³,
+//! LoHa, LoKr, prompt tuning and prefix tuning — the inverse of
 //! [`super::peft_methods`]. Per-row tensors of llama's q/k projections go
-//! back to transformers' row order. VeRA exports as the LoRA it amounts to
-//! (its shared projection cannot be in two row orders at once); LoKr on
-//! llama's q or k cannot either (a Kronecker row does not follow a head),
-//! and is refused there, naming LoRA-style export and merge instead.
+//! back to transformers' row order. Two cannot follow that order and are
+//! refused on llama's q or k, naming `merge`: VeRA (its shared projection
+//! cannot be in two row orders at once) and LoKr (a Kronecker row does not
+//! follow a head).
 
 use super::method_file::MethodFile;
 use super::peft::{
@@ -23,6 +23,7 @@ pub fn exports(kinds: &[MethodKind]) -> bool {
     matches!(
         kinds,
         [MethodKind::Dora
+            | MethodKind::Vera
             | MethodKind::Ia3
             | MethodKind::Loha
             | MethodKind::Lokr
@@ -53,9 +54,8 @@ pub fn write(dir: &Path, f: &MethodFile, model: &Model) -> Result<()> {
     let label = f.method.spec.label();
     if !exports(kinds) {
         return Err(Error::Invalid(format!(
-            "a {label} adapter has no PEFT form edgetune writes (DoRA, (IA)³, LoHa, LoKr, prompt \
-             and prefix tuning do; VeRA exports as LoRA); fold it into the model with \
-             `edgetune merge`"
+            "a {label} adapter has no PEFT form edgetune writes (DoRA, VeRA, (IA)³, LoHa, LoKr, \
+             prompt and prefix tuning do); fold it into the model with `edgetune merge`"
         )));
     }
     let spec = model.spec();
@@ -191,6 +191,48 @@ pub fn write(dir: &Path, f: &MethodFile, model: &Model) -> Result<()> {
                     }
                 }
             }
+        }
+        MethodKind::Vera => {
+            let r = lora.rank;
+            let vera = crate::peft::vera::Vera::new(lora.clone(), &f.method.spec, spec)?;
+            for (name, _) in &f.tensors {
+                if let Some(base) = name.strip_suffix(".vera_d") {
+                    bases.push(base.to_string());
+                }
+            }
+            for base in &bases {
+                let module = hf_module(base)
+                    .ok_or_else(|| Error::Invalid(format!("{base} has no PEFT name")))?;
+                let (_, proj) = split_gguf(base).expect("hf_module parsed it");
+                if layout.permuted_heads(proj).is_some() {
+                    return Err(Error::Invalid(format!(
+                        "{base}: VeRA on llama's {proj} cannot be written for transformers (its \
+                         rows are permuted by head, the shared projection's cannot be for one \
+                         module only); fold it into the model with `edgetune merge`, or train \
+                         VeRA without q and k"
+                    )));
+                }
+                let d = get(&format!("{base}.vera_d"))?.to_vec();
+                let b = get(&format!("{base}.vera_b"))?.to_vec();
+                tensors.push((format!("{module}.vera_lambda_d"), vec![r], d));
+                tensors.push((format!("{module}.vera_lambda_b"), vec![b.len()], b));
+            }
+            let (a, b) = vera.shared();
+            tensors.push(("base_model.vera_A".into(), vec![r, a.len() / r], a.to_vec()));
+            tensors.push(("base_model.vera_B".into(), vec![b.len() / r, r], b.to_vec()));
+            let (targets, layers) = targets_of(bases.iter().map(String::as_str), &layout)?;
+            let c = config.as_object_mut().expect("an object");
+            c.insert("peft_type".into(), json!("VERA"));
+            c.insert("target_modules".into(), targets);
+            c.insert("layers_to_transform".into(), layers);
+            c.insert("r".into(), json!(r));
+            c.insert("projection_prng_key".into(), json!(f.method.spec.vera_seed));
+            c.insert("save_projection".into(), json!(true));
+            c.insert("vera_dropout".into(), json!(lora.dropout));
+            c.insert("d_initial".into(), json!(f.method.spec.vera_d_init));
+            c.insert("bias".into(), json!("none"));
+            c.insert("fan_in_fan_out".into(), json!(false));
+            c.insert("init_weights".into(), json!(true));
         }
         MethodKind::Ia3 => {
             let mut ff = Vec::new();

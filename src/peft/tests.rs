@@ -464,6 +464,10 @@ fn methods_peft_has_export_to_peft_and_read_back_to_the_same_logits() {
     use crate::graph::Target;
     let cases: &[(MethodKind, &[Target])] = &[
         (MethodKind::Dora, &Target::ALL),
+        (
+            MethodKind::Vera,
+            &[Target::AttnV, Target::AttnO, Target::FfnDown],
+        ),
         (MethodKind::Ia3, &Target::ALL),
         (MethodKind::Loha, &Target::ALL),
         (

@@ -79,6 +79,11 @@ impl Vera {
     pub fn b_slice(&self, rows: usize) -> Vec<f32> {
         self.b[..rows * self.config.rank].to_vec()
     }
+
+    /// The shared matrices whole: `A (r, max_in)`, `B (max_out, r)`.
+    pub fn shared(&self) -> (&[f32], &[f32]) {
+        (&self.a, &self.b)
+    }
 }
 
 impl GraphHook for Vera {
