@@ -4,36 +4,16 @@
 
 mod common;
 
-use edgetune::backend::cpu::{CpuDecoder, Logits};
-use edgetune::export::gguf_lora::{self, LoraFile};
+use edgetune::export::gguf_lora;
 use edgetune::export::peft::{self, HfLayout};
-use edgetune::model::Model;
 use edgetune::peft::AdapterWeights;
 use serde_json::Value;
-use std::sync::Arc;
 
-use common::{ids, open, root};
+use common::{floats, ids, last_logits, open, root};
 
 fn fixture() -> Value {
     let p = root().join("tests/fixtures/peft/smollm2-lora.json");
     serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-
-fn last_logits(model: &Model, adapter: Option<&LoraFile>, input: &[u32]) -> Vec<f32> {
-    let mut dec = CpuDecoder::new(model).unwrap();
-    if let Some(a) = adapter {
-        dec.add_adapter(Arc::new(AdapterWeights::new(a, 1.0)));
-    }
-    let mut cache = dec.new_cache(input.len());
-    dec.forward(input, &mut cache, Logits::Last).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
 }
 
 #[test]
@@ -56,7 +36,7 @@ fn a_peft_adapter_imports_and_reproduces_peft_logits() {
 
     let input = ids(&fx["input_ids"]);
     let base = last_logits(&model, None, &input);
-    let adapted = last_logits(&model, Some(&lora), &input);
+    let adapted = last_logits(&model, Some(AdapterWeights::new(&lora, 1.0)), &input);
     let check = ids(&fx["last"]["ids"]);
     let (want_base, want) = (floats(&fx["last"]["base"]), floats(&fx["last"]["adapted"]));
     let mut worst = 0.0f64;

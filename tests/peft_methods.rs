@@ -5,31 +5,10 @@
 
 mod common;
 
-use edgetune::backend::cpu::{CpuDecoder, Logits};
 use edgetune::export::load_adapter_weights;
-use edgetune::model::Model;
-use edgetune::peft::AdapterWeights;
 use serde_json::Value;
-use std::sync::Arc;
 
-use common::{ids, open, root};
-
-fn last_logits(model: &Model, adapter: Option<AdapterWeights>, input: &[u32]) -> Vec<f32> {
-    let mut dec = CpuDecoder::new(model).unwrap();
-    if let Some(a) = adapter {
-        dec.add_adapter(Arc::new(a));
-    }
-    let mut cache = dec.new_cache(input.len());
-    dec.forward(input, &mut cache, Logits::Last).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
+use common::{floats, ids, last_logits, open, root};
 
 #[test]
 fn peft_adapters_of_every_method_reproduce_peft_s_logits() {

@@ -24,8 +24,9 @@ pub(crate) fn tiny(cfg: &Cfg) -> (tempfile::TempDir, Model) {
     (dir, model)
 }
 
-/// `kinds` at rank 2, alpha 4, on every target; 3 virtual tokens.
-pub(crate) fn method(kinds: &[MethodKind], model: &Model) -> Box<dyn Method> {
+/// The tests' settings of `kinds`: rank 2, alpha 4, every target; 3
+/// virtual tokens; adapters of width 4.
+fn settings(kinds: &[MethodKind]) -> (MethodSpec, LoraConfig) {
     let spec = MethodSpec {
         kinds: kinds.to_vec(),
         virtual_tokens: 3,
@@ -37,7 +38,39 @@ pub(crate) fn method(kinds: &[MethodKind], model: &Model) -> Box<dyn Method> {
         alpha: 4.0,
         ..LoraConfig::default()
     };
+    (spec, lora)
+}
+
+/// `kinds` with the tests' [`settings`].
+pub(crate) fn method(kinds: &[MethodKind], model: &Model) -> Box<dyn Method> {
+    let (spec, lora) = settings(kinds);
     build(&spec, &lora, model).unwrap()
+}
+
+/// Write method `m` (built from `spec` and `lora`) with the parameters
+/// `params` of its graph `g` to `path`, as `train` writes its adapter.
+fn save(
+    path: &std::path::Path,
+    model: &Model,
+    m: &dyn Method,
+    (spec, lora): (MethodSpec, LoraConfig),
+    g: &Graph,
+    params: &[Vec<f32>],
+) {
+    use crate::train::TrainConfig;
+    use crate::train::adapter::{AdapterMeta, write_adapter};
+    let names: Vec<String> = g.params.iter().map(|p| p.name.clone()).collect();
+    let config = TrainConfig {
+        method: spec,
+        lora,
+        ..TrainConfig::default()
+    };
+    let meta = AdapterMeta {
+        config: &config,
+        steps: 1,
+        base: model.file().path(),
+    };
+    write_adapter(path, model, m, &names, params, &meta).unwrap();
 }
 
 /// The method's graph for `batch` rows of 8 tokens (after its virtual
@@ -332,8 +365,6 @@ fn every_method_s_inference_effects_reproduce_the_graph_s_loss() {
 
 #[test]
 fn every_method_s_saved_adapter_reloads_to_identical_outputs() {
-    use crate::train::TrainConfig;
-    use crate::train::adapter::{AdapterMeta, write_adapter};
     let cfg = Cfg::llama(GgmlType::Q8_0, 2);
     let (dir, model) = tiny(&cfg);
     let tokens: Vec<u32> = (0..8).map(|i| (i * 5 + 1) % cfg.n_vocab as u32).collect();
@@ -342,8 +373,12 @@ fn every_method_s_saved_adapter_reloads_to_identical_outputs() {
         let m = method(kinds, &model);
         let g = graph(&*m, &model, 1).unwrap();
         let params = moved(&*m, &g, 1.0);
-        let names: Vec<String> = g.params.iter().map(|p| p.name.clone()).collect();
-        let map: ParamMap = names.iter().cloned().zip(params.iter().cloned()).collect();
+        let map: ParamMap = g
+            .params
+            .iter()
+            .map(|p| p.name.clone())
+            .zip(params.iter().cloned())
+            .collect();
         let logits = |a: AdapterWeights| {
             let mut dec = CpuDecoder::new(&model).unwrap();
             dec.add_adapter(std::sync::Arc::new(a));
@@ -352,27 +387,8 @@ fn every_method_s_saved_adapter_reloads_to_identical_outputs() {
         };
         let want =
             logits(AdapterWeights::from_effects(m.effects(&map, &model).unwrap(), 1.0).unwrap());
-        let config = TrainConfig {
-            method: MethodSpec {
-                kinds: kinds.to_vec(),
-                virtual_tokens: 3,
-                adapter_size: 4,
-                ..MethodSpec::default()
-            },
-            lora: LoraConfig {
-                rank: 2,
-                alpha: 4.0,
-                ..LoraConfig::default()
-            },
-            ..TrainConfig::default()
-        };
-        let meta = AdapterMeta {
-            config: &config,
-            steps: 1,
-            base: model.file().path(),
-        };
         let path = dir.path().join(format!("{what}.gguf"));
-        write_adapter(&path, &model, &*m, &names, &params, &meta).unwrap();
+        save(&path, &model, &*m, settings(kinds), &g, &params);
         let loaded = crate::export::load_adapter_weights(&path, &model, 1.0).unwrap();
         let got = logits(loaded);
         let same = got
@@ -450,8 +466,6 @@ fn weight_changing_methods_merge_into_the_model_and_the_others_are_refused() {
 #[test]
 fn methods_peft_has_export_to_peft_and_read_back_to_the_same_logits() {
     use crate::export::{load_adapter_weights, method_file, peft_export};
-    use crate::train::TrainConfig;
-    use crate::train::adapter::{AdapterMeta, write_adapter};
     let cfg = Cfg::llama(GgmlType::Q8_0, 2);
     let (dir, model) = tiny(&cfg);
     let tokens: Vec<u32> = (0..8).map(|i| (i * 5 + 1) % cfg.n_vocab as u32).collect();
@@ -493,19 +507,8 @@ fn methods_peft_has_export_to_peft_and_read_back_to_the_same_logits() {
         let m = build(&spec, &lora, &model).unwrap();
         let g = graph(&*m, &model, 1).unwrap();
         let params = moved(&*m, &g, 1.0);
-        let names: Vec<String> = g.params.iter().map(|p| p.name.clone()).collect();
-        let config = TrainConfig {
-            method: spec,
-            lora,
-            ..TrainConfig::default()
-        };
-        let meta = AdapterMeta {
-            config: &config,
-            steps: 1,
-            base: model.file().path(),
-        };
         let file = dir.path().join(format!("{what}.gguf"));
-        write_adapter(&file, &model, &*m, &names, &params, &meta).unwrap();
+        save(&file, &model, &*m, (spec, lora), &g, &params);
         let want = logits(load_adapter_weights(&file, &model, 1.0).unwrap());
         let out = dir.path().join(format!("{what}-peft"));
         peft_export::write(&out, &method_file::read(&file).unwrap(), &model).unwrap();
@@ -532,19 +535,8 @@ fn methods_peft_has_export_to_peft_and_read_back_to_the_same_logits() {
     let m = build(&spec, &lora, &model).unwrap();
     let g = graph(&*m, &model, 1).unwrap();
     let params = m.init(&g, 1);
-    let names: Vec<String> = g.params.iter().map(|p| p.name.clone()).collect();
-    let config = TrainConfig {
-        method: spec,
-        lora,
-        ..TrainConfig::default()
-    };
-    let meta = AdapterMeta {
-        config: &config,
-        steps: 1,
-        base: model.file().path(),
-    };
     let file = dir.path().join("lokr_q.gguf");
-    write_adapter(&file, &model, &*m, &names, &params, &meta).unwrap();
+    save(&file, &model, &*m, (spec, lora), &g, &params);
     let e = peft_export::write(
         &dir.path().join("x"),
         &method_file::read(&file).unwrap(),

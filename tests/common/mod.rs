@@ -64,3 +64,27 @@ pub fn encode_prompt(model: &Model, tok: &Tokenizer, p: &Value) -> Vec<u32> {
         None => tok.encode(p["text"].as_str().unwrap(), true).unwrap(),
     }
 }
+
+/// The last position's logits of `input` on the CPU decoder, with `adapter`.
+pub fn last_logits(
+    model: &Model,
+    adapter: Option<edgetune::peft::AdapterWeights>,
+    input: &[u32],
+) -> Vec<f32> {
+    use edgetune::backend::cpu::{CpuDecoder, Logits};
+    let mut dec = CpuDecoder::new(model).unwrap();
+    if let Some(a) = adapter {
+        dec.add_adapter(std::sync::Arc::new(a));
+    }
+    let mut cache = dec.new_cache(input.len());
+    dec.forward(input, &mut cache, Logits::Last).unwrap()
+}
+
+/// A JSON array of numbers.
+pub fn floats(v: &Value) -> Vec<f64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
