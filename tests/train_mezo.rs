@@ -103,6 +103,7 @@ fn mezo_trains_in_inference_memory_and_resumes_exactly() {
         keep_best: false,
         gpu: false,
         zeroth_order,
+        fast: false,
     };
     let adamw = plan_step(&shape(false), 2, 1, 0).unwrap().report;
     let mezo = plan_step(&shape(true), 2, 1, 0).unwrap().report;

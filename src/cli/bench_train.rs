@@ -61,6 +61,7 @@ pub fn run(a: TrainBenchArgs) -> Result<(), Error> {
         threads: a.step.threads(),
         lr: 2e-4,
         device,
+        fast: a.step.fast,
     };
     let pb = progress_bar(o.warmup + o.steps, "training steps");
     let r = bench_train(&model, &tokens, &o, &mut |done, _| {
@@ -82,13 +83,18 @@ pub fn run(a: TrainBenchArgs) -> Result<(), Error> {
     );
     report!(
         out,
-        "config       LoRA r={} alpha={} on {} targets, batch {} × seq {}, {} threads",
+        "config       LoRA r={} alpha={} on {} targets, batch {} × seq {}, {} threads{}",
         o.lora.rank,
         o.lora.alpha,
         o.lora.targets.len(),
         o.batch,
         o.seq,
-        r.threads
+        r.threads,
+        if o.fast {
+            ", 8-bit forward products (--fast)"
+        } else {
+            ""
+        }
     );
     report!(
         out,

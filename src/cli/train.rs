@@ -140,6 +140,7 @@ impl TrainArgs {
             save_every: self.save_every,
             memory_budget: self.step.memory_budget,
             recompute: self.step.recompute.into(),
+            fast: self.step.fast,
             train_on_prompt: self.train_on_prompt,
             seed: self.seed,
         })

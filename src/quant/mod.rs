@@ -22,6 +22,7 @@ pub mod blocks;
 mod kernels;
 mod kquants;
 mod legacy;
+pub mod q4_gemm;
 mod q8;
 #[cfg(target_arch = "x86_64")]
 mod q8_avx2;

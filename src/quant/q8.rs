@@ -132,6 +132,52 @@ fn quantize_generic<I: Isa>(_isa: I, a: &mut QuantizedActivation) {
     }
 }
 
+/// Quantize whole 32-value blocks of `x` (its length a multiple of 32) into
+/// `qs`, with each block's scale in `d` and `d·Σq` in `s`: the activation
+/// form of [`QuantizedActivation`] for many rows at once.
+pub(crate) fn quantize_blocks(
+    level: Level,
+    x: &[f32],
+    qs: &mut [i8],
+    d: &mut [f32],
+    s: &mut [f32],
+) {
+    assert!(
+        x.len().is_multiple_of(QK) && qs.len() == x.len(),
+        "quantize_blocks: lengths"
+    );
+    assert!(
+        d.len() == x.len() / QK && s.len() == d.len(),
+        "quantize_blocks: scales"
+    );
+    match level {
+        Level::Portable => blocks_generic(Portable, x, qs, d, s),
+        // SAFETY: the token proves the CPU has the enabled features.
+        #[cfg(target_arch = "x86_64")]
+        Level::Avx2(t) => unsafe { blocks_avx2(t, x, qs, d, s) },
+    }
+}
+
+#[inline(always)]
+fn blocks_generic<I: Isa>(_isa: I, x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    for (((xb, qb), d), s) in x
+        .chunks_exact(QK)
+        .zip(qs.chunks_exact_mut(QK))
+        .zip(d.iter_mut())
+        .zip(s.iter_mut())
+    {
+        let xb: &[f32; QK] = xb.try_into().expect("32 values");
+        let qb: &mut [i8; QK] = qb.try_into().expect("32 quants");
+        (*d, *s) = quantize_block(xb, qb);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn blocks_avx2(isa: Avx2, x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    blocks_generic(isa, x, qs, d, s)
+}
+
 /// The portable quantizer, whatever the CPU (tests compare the levels).
 #[cfg(test)]
 pub(crate) fn quantize_portable(a: &mut QuantizedActivation) {

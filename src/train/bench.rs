@@ -64,6 +64,8 @@ pub struct TrainBenchOptions {
     pub lr: f32,
     /// The device running the steps.
     pub device: super::TrainDevice,
+    /// 8-bit forward products on the CPU ([`super::TrainConfig::fast`]).
+    pub fast: bool,
 }
 
 impl Default for TrainBenchOptions {
@@ -79,6 +81,7 @@ impl Default for TrainBenchOptions {
             threads: 0,
             lr: 2e-4,
             device: super::TrainDevice::Cpu,
+            fast: false,
         }
     }
 }
@@ -146,6 +149,7 @@ pub fn bench_train(
         data_bytes: (tokens.len() * 4) as u64,
         keep_best: false,
         gpu: matches!(o.device, crate::train::TrainDevice::Gpu(_)),
+        fast: o.fast,
     };
     let PlannedStep {
         graph,
@@ -158,7 +162,7 @@ pub fn bench_train(
     let mut adam = AdamWState::new(&sizes);
     let mut grads: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
     let param_names: Vec<String> = graph.params.iter().map(|p| p.name.clone()).collect();
-    let mut step = o.device.step(model, graph, plan, threads)?;
+    let mut step = o.device.step(model, graph, plan, threads, o.fast)?;
     let positions: Vec<u32> = (0..micro * o.seq).map(|i| (i % o.seq) as u32).collect();
     let seg: Vec<u32> = vec![0; micro * o.seq];
     let (mut step_seconds, mut losses) = (Vec::new(), Vec::new());

@@ -94,6 +94,9 @@ pub struct StepShape<'a> {
     /// gradients, no recomputation; the perturbed point is a copy of the
     /// parameters instead of AdamW's two moments.
     pub zeroth_order: bool,
+    /// Frozen forward products in 8-bit arithmetic (CPU): their scratch is
+    /// planned ([`TrainConfig::fast`](super::TrainConfig::fast)).
+    pub fast: bool,
 }
 
 /// Plan one step of `micro_batch` sequences with the first `recompute`
@@ -136,7 +139,9 @@ pub fn plan_step(
         // correction, DoRA's row norms) once.
         adapter: 4 * n_params * copies + graph.const_bytes(),
         activations: plan.arena_bytes(),
-        workspace: workspace_bytes(&graph, s.spec.n_vocab) + threads * per_thread + loss_partials,
+        workspace: workspace_bytes(&graph, s.spec.n_vocab, s.fast && !s.gpu)
+            + threads * per_thread
+            + loss_partials,
         runtime: RUNTIME_BYTES + s.data_bytes,
         micro_batch,
         grad_accum,
@@ -325,6 +330,7 @@ mod tests {
             data_bytes: 0,
             keep_best: false,
             gpu,
+            fast: false,
         };
         let s = shape(false);
         // Budgets between "one sequence, nothing recomputed" and "four

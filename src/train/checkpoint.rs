@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 /// The first bytes of every checkpoint file.
 pub const MAGIC: &[u8; 13] = b"EDGETUNE-CKPT";
 /// The container version [`save`] writes and [`load`] accepts.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 /// Bytes before the payload: magic, version, length, checksum.
 const HEADER_LEN: usize = MAGIC.len() + 4 + 8 + 8;
 

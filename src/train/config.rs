@@ -77,6 +77,10 @@ pub struct TrainConfig {
     pub train_on_prompt: bool,
     /// Seed of initialization, shuffling, splits and dropout.
     pub seed: u64,
+    /// CPU: frozen forward products of Q4_0/Q4_1 weights in 8-bit integer
+    /// arithmetic (inputs rounded to 8 bits per block of 32, as llama.cpp's
+    /// inference does); gradients stay f32.
+    pub fast: bool,
 }
 
 impl Default for TrainConfig {
@@ -103,6 +107,7 @@ impl Default for TrainConfig {
             recompute: Recompute::Auto,
             train_on_prompt: false,
             seed: 0,
+            fast: false,
         }
     }
 }

@@ -36,16 +36,22 @@ impl TrainDevice {
         }
     }
 
-    /// Prepare a planned step of `model` on this device.
+    /// Prepare a planned step of `model` on this device; `fast` takes the
+    /// CPU's 8-bit forward products ([`CpuStep::set_fast`]; the GPU ignores it).
     pub fn step<'m>(
         &self,
         model: &'m Model,
         graph: Graph,
         plan: MemoryPlan,
         threads: usize,
+        fast: bool,
     ) -> Result<Box<dyn TrainStep + 'm>> {
         Ok(match self {
-            TrainDevice::Cpu => Box::new(CpuStep::new(model, graph, plan, threads)?),
+            TrainDevice::Cpu => {
+                let mut s = CpuStep::new(model, graph, plan, threads)?;
+                s.set_fast(fast);
+                Box::new(s)
+            }
             TrainDevice::Gpu(ctx) => Box::new(GpuStep::new(ctx.clone(), model, graph, plan)?),
         })
     }

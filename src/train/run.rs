@@ -251,7 +251,8 @@ fn evaluate(
     let rows = graph_seq(model.spec(), method, seq)?;
     let g = DecoderGraph::build(model.spec(), micro, rows, method);
     let plan = MemoryPlan::new(&g);
-    let mut step = device.0.step(model, g, plan, device.1)?;
+    // Held-out loss is the exact f32 forward's, whatever the steps use.
+    let mut step = device.0.step(model, g, plan, device.1, false)?;
     let (mut sum, mut count) = (0.0, 0);
     for b in data::eval_batches(eval, seq, micro) {
         let b = b.with_virtual(n);
@@ -335,6 +336,7 @@ pub fn train(
         keep_best: cfg.early_stop > 0,
         gpu: matches!(req.device, super::TrainDevice::Gpu(_)),
         zeroth_order: mezo.is_some(),
+        fast: cfg.fast,
     };
     let PlannedStep {
         graph,
@@ -415,7 +417,7 @@ pub fn train(
         params: n_params,
     };
     let _ = progress(&planned);
-    let mut step = req.device.step(req.model, graph, plan, threads)?;
+    let mut step = req.device.step(req.model, graph, plan, threads, cfg.fast)?;
     // On a device with a fused optimizer (the GPU), parameters and AdamW
     // moments stay on the device and a whole step is one submission;
     // gradient accumulation keeps the host path.

@@ -18,6 +18,7 @@ use super::matmul::QMatrix;
 use crate::Result;
 use crate::graph::{Graph, MemoryPlan, Op, StepInputs, TensorId, TensorKind};
 use crate::model::{Model, Rope};
+use crate::quant::q4_gemm::{self, PackedQ4, Q8Rows};
 use attention::{AttnSaved, Rows};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -59,8 +60,19 @@ pub struct CpuStep<'m> {
     loss_chunk: usize,
     threads: usize,
     pool: Arc<rayon::ThreadPool>,
+    int8: Option<Int8Forward>,
     /// Per-op timings, when enabled.
     pub profile: Option<StepProfile>,
+}
+
+/// Scratch of the 8-bit forward products ([`CpuStep::set_fast`]): the
+/// weight being multiplied, repacked, and the last input quantized (q, k
+/// and v, or gate and up, read the same input).
+#[derive(Default)]
+struct Int8Forward {
+    w: PackedQ4,
+    x: Q8Rows,
+    x_of: Option<TensorId>,
 }
 
 /// Lengths in f32 of the scratch a [`CpuStep`] allocates besides its arena:
@@ -92,9 +104,24 @@ fn scratch_lens(g: &Graph, n_vocab: usize) -> [usize; 3] {
 }
 
 /// Bytes of the scratch a [`CpuStep`] allocates besides its arena (see
-/// `scratch_lens`).
-pub fn workspace_bytes(g: &Graph, n_vocab: usize) -> u64 {
-    4 * scratch_lens(g, n_vocab).iter().sum::<usize>() as u64
+/// `scratch_lens`), and with `fast` that of the 8-bit forward products: the
+/// largest 4-bit weight repacked and the widest input quantized.
+pub fn workspace_bytes(g: &Graph, n_vocab: usize, fast: bool) -> u64 {
+    let f32s = 4 * scratch_lens(g, n_vocab).iter().sum::<usize>() as u64;
+    if !fast {
+        return f32s;
+    }
+    let (mut w, mut x) = (0, 0);
+    for n in &g.nodes {
+        if let Op::Linear { w: id } = n.op {
+            let m = &g.frozen[id];
+            if PackedQ4::supports(m.ty) {
+                w = w.max(PackedQ4::bytes(m.rows, m.cols));
+                x = x.max(Q8Rows::bytes(g.n_tokens(), m.cols));
+            }
+        }
+    }
+    f32s + (w + x) as u64
 }
 
 impl<'m> CpuStep<'m> {
@@ -129,6 +156,7 @@ impl<'m> CpuStep<'m> {
             loss_chunk: DEFAULT_LOSS_CHUNK.min(graph.n_tokens()),
             threads: super::resolve_threads(threads),
             pool: super::thread_pool(threads)?,
+            int8: None,
             graph,
             plan,
             vectors,
@@ -136,6 +164,15 @@ impl<'m> CpuStep<'m> {
             ropes,
             profile: None,
         })
+    }
+
+    /// Compute the frozen forward products of Q4_0/Q4_1 weights in 8-bit
+    /// integer arithmetic ([`q4_gemm`]): inputs are rounded to 8 bits per
+    /// block of 32, as llama.cpp's inference does. Gradients, LoRA products
+    /// and other weight types stay f32. Recomputed layers use the same
+    /// products, so they reproduce the stored activations exactly.
+    pub fn set_fast(&mut self, on: bool) {
+        self.int8 = on.then(Int8Forward::default);
     }
 
     /// The graph being run.
@@ -204,6 +241,9 @@ impl<'m> CpuStep<'m> {
             unsafe { std::slice::from_raw_parts_mut(base.add(off), g.tensors[t].shape.numel()) }
         };
         let threads = self.threads;
+        if let Some(q) = &mut self.int8 {
+            q.x_of = None;
+        }
         for node in &g.nodes {
             let start = self.profile.as_ref().map(|_| Instant::now());
             let i = &node.inputs;
@@ -228,6 +268,17 @@ impl<'m> CpuStep<'m> {
                 Op::RmsNormBack { w, eps } => {
                     let wv = self.vectors[*w].as_ref().unwrap();
                     ops::rms_norm_backward(read(i[0]), read(i[1]), wv, *eps, write(o[0]));
+                }
+                Op::Linear { w } if self.int8.is_some() && PackedQ4::supports(g.frozen[*w].ty) => {
+                    let m = self.matrices[*w].as_ref().unwrap();
+                    let q = self.int8.as_mut().unwrap();
+                    // Tensors are written once per run: the same id is the same values.
+                    if q.x_of != Some(i[0]) {
+                        q.x.quantize(read(i[0]), m.cols);
+                        q.x_of = Some(i[0]);
+                    }
+                    q.w.pack(m.ty, m.rows, m.cols, m.data);
+                    q4_gemm::gemm(&q.w, &q.x, write(o[0]));
                 }
                 Op::Linear { w } => {
                     let m = self.matrices[*w].as_ref().unwrap();

@@ -1,0 +1,453 @@
+//! Integer GEMM of 4-bit weights (Q4_0, Q4_1) with activations quantized to
+//! 8 bits: `y = x·Wᵀ` for many tokens at once, the frozen forward products of
+//! training with `--fast`.
+//!
+//! Weights are repacked in groups of 8 rows so that one 256-bit register holds
+//! 4 consecutive quants of each of the 8 rows: `vpmaddubsw` against 4
+//! activation bytes broadcast to every row multiplies 32 pairs at once, and
+//! the per-block scale is applied to 8 outputs by one `vfmadd`. (Without the
+//! repacking every output pays its own conversion and scale per block, and the
+//! integer path is no faster than f32 FMA on AVX2.)
+//!
+//! Per 32-value block `b` of row `r` (`w = d·q + m`, `q` in 0..=15; Q4_0 is
+//! `m = −8d`) and token `t` (quants `a`, scale `da`, `s = da·Σa`):
+//! `y[t][r] += (Σ q·a)·(d·da) + m·s`, both terms fused multiply-adds in block
+//! order. `Σ q·a` is exact in i32 (at most 32·15·127), so the portable kernel
+//! here gives the AVX2 kernel's bits.
+
+use super::GgmlType;
+use super::blocks::{BlockQ4_0, BlockQ4_1, QK, as_blocks};
+use super::q8;
+use super::simd::{Level, f16_to_f32, level};
+use rayon::prelude::*;
+
+/// Rows per packed group (one 256-bit register of 8 × 4 bytes).
+const GROUP: usize = 8;
+/// Packed quant bytes per group and block: 8 rows × 32 nibbles.
+const GROUP_BLOCK: usize = GROUP * QK / 2;
+/// Tokens per register tile.
+const TILE: usize = 6;
+/// Groups whose weights a task keeps hot while it runs its tokens.
+const GROUPS_PER_PASS: usize = 16;
+/// Parallel tasks per worker thread (for balance).
+const TASKS_PER_THREAD: usize = 4;
+
+/// A Q4_0 or Q4_1 matrix repacked for [`gemm`]; buffers are reused by
+/// [`PackedQ4::pack`].
+#[derive(Debug, Default)]
+pub struct PackedQ4 {
+    rows: usize,
+    cols: usize,
+    /// `[group][block][j: 4][row: 8][4 bytes]`: byte `i` of row `r` in `j` is
+    /// the source byte `4j + i` (low nibble quant `4j + i`, high `16 + 4j + i`).
+    quants: Vec<u8>,
+    /// `[group][block]`: the 8 rows' scales `d`, then their offsets `m`.
+    scales: Vec<f32>,
+}
+
+impl PackedQ4 {
+    /// An empty matrix; fill it with [`PackedQ4::pack`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Whether [`PackedQ4::pack`] takes matrices of type `ty`.
+    pub fn supports(ty: GgmlType) -> bool {
+        matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1)
+    }
+
+    /// Output rows.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Bytes this holds for a `rows × cols` matrix (scratch planning).
+    pub fn bytes(rows: usize, cols: usize) -> usize {
+        let (groups, nb) = (rows.div_ceil(GROUP), cols / QK);
+        groups * nb * (GROUP_BLOCK + 2 * GROUP * 4)
+    }
+
+    /// Repack `rows × cols` weights of type `ty` (`supports(ty)`) from `data`,
+    /// their GGUF bytes (length checked by the caller's `QMatrix`).
+    pub fn pack(&mut self, ty: GgmlType, rows: usize, cols: usize, data: &[u8]) {
+        assert!(
+            Self::supports(ty) && cols.is_multiple_of(QK),
+            "PackedQ4: {ty:?} × {cols}"
+        );
+        let (groups, nb) = (rows.div_ceil(GROUP), cols / QK);
+        let row_bytes = data.len() / rows.max(1);
+        self.rows = rows;
+        self.cols = cols;
+        self.quants.resize(groups * nb * GROUP_BLOCK, 0);
+        self.scales.resize(groups * nb * 2 * GROUP, 0.0);
+        self.quants
+            .par_chunks_mut(nb * GROUP_BLOCK)
+            .zip(self.scales.par_chunks_mut(nb * 2 * GROUP))
+            .enumerate()
+            .for_each(|(g, (qg, sg))| {
+                for r in 0..GROUP {
+                    let row = g * GROUP + r;
+                    if row >= rows {
+                        // Padding rows: zero quants and scales, never stored.
+                        for b in 0..nb {
+                            for j in 0..4 {
+                                let o = b * GROUP_BLOCK + j * 32 + r * 4;
+                                qg[o..o + 4].fill(0);
+                            }
+                            sg[b * 2 * GROUP + r] = 0.0;
+                            sg[b * 2 * GROUP + GROUP + r] = 0.0;
+                        }
+                        continue;
+                    }
+                    let src = &data[row * row_bytes..(row + 1) * row_bytes];
+                    for b in 0..nb {
+                        let (qs, d, m) = block(ty, src, b);
+                        for j in 0..4 {
+                            let o = b * GROUP_BLOCK + j * 32 + r * 4;
+                            qg[o..o + 4].copy_from_slice(&qs[4 * j..4 * j + 4]);
+                        }
+                        sg[b * 2 * GROUP + r] = d;
+                        sg[b * 2 * GROUP + GROUP + r] = m;
+                    }
+                }
+            });
+    }
+}
+
+/// Block `b` of a row: its 16 nibble bytes, scale and offset.
+fn block(ty: GgmlType, row: &[u8], b: usize) -> ([u8; QK / 2], f32, f32) {
+    let h = |x: [u8; 2]| f16_to_f32(u16::from_le_bytes(x));
+    match ty {
+        GgmlType::Q4_0 => {
+            let blk = &as_blocks::<BlockQ4_0>(row)[b];
+            let d = h(blk.d);
+            (blk.qs, d, -8.0 * d)
+        }
+        GgmlType::Q4_1 => {
+            let blk = &as_blocks::<BlockQ4_1>(row)[b];
+            (blk.qs, h(blk.d), h(blk.m))
+        }
+        _ => unreachable!("PackedQ4::supports"),
+    }
+}
+
+/// Rows of activations quantized to 8 bits in blocks of 32, for [`gemm`].
+#[derive(Debug, Default)]
+pub struct Q8Rows {
+    n: usize,
+    cols: usize,
+    qs: Vec<i8>,
+    d: Vec<f32>,
+    s: Vec<f32>,
+}
+
+impl Q8Rows {
+    /// No rows yet; fill with [`Q8Rows::quantize`].
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Bytes this holds for `n × cols` activations (scratch planning).
+    pub fn bytes(n: usize, cols: usize) -> usize {
+        n * cols + 2 * 4 * n * (cols / QK)
+    }
+
+    /// Quantize `x`, rows of `cols` values (a multiple of 32), as
+    /// [`QuantizedActivation`](super::QuantizedActivation) does one vector.
+    pub fn quantize(&mut self, x: &[f32], cols: usize) {
+        assert!(
+            cols.is_multiple_of(QK) && x.len().is_multiple_of(cols),
+            "Q8Rows: {cols} columns"
+        );
+        self.n = x.len() / cols;
+        self.cols = cols;
+        self.qs.resize(x.len(), 0);
+        self.d.resize(x.len() / QK, 0.0);
+        self.s.resize(x.len() / QK, 0.0);
+        let lv = level();
+        let rows = 16 * cols;
+        x.par_chunks(rows)
+            .zip(self.qs.par_chunks_mut(rows))
+            .zip(self.d.par_chunks_mut(rows / QK))
+            .zip(self.s.par_chunks_mut(rows / QK))
+            .for_each(|(((x, q), d), s)| q8::quantize_blocks(lv, x, q, d, s));
+    }
+}
+
+/// `y (n × rows) = x · Wᵀ` for packed `w` and quantized `x` (`x`'s columns
+/// equal `w`'s), on the current rayon pool.
+pub fn gemm(w: &PackedQ4, x: &Q8Rows, y: &mut [f32]) {
+    gemm_at(level(), w, x, y)
+}
+
+fn gemm_at(lv: Level, w: &PackedQ4, x: &Q8Rows, y: &mut [f32]) {
+    assert_eq!(w.cols, x.cols, "q4 gemm: inner dimensions");
+    assert_eq!(y.len(), x.n * w.rows, "q4 gemm: output length");
+    if w.rows == 0 || x.n == 0 {
+        return;
+    }
+    let rows = w.rows;
+    // Whole tiles per task, about TASKS_PER_THREAD tasks per thread.
+    let tasks = TASKS_PER_THREAD * rayon::current_num_threads();
+    let per_task = x.n.div_ceil(tasks).div_ceil(TILE) * TILE;
+    y.par_chunks_mut(per_task * rows)
+        .enumerate()
+        .for_each(|(task, yc)| {
+            let t0 = task * per_task;
+            let nt = yc.len() / rows;
+            match lv {
+                Level::Portable => run_tokens::<Portable>(w, x, t0, nt, yc),
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: the token proves AVX2 and FMA.
+                Level::Avx2(_) => unsafe { run_tokens_avx2(w, x, t0, nt, yc) },
+            }
+        });
+}
+
+/// Tokens `t0..t0 + nt` against every group, into `yc` (`nt × rows`).
+#[inline(always)]
+fn run_tokens<K: Kernel>(w: &PackedQ4, x: &Q8Rows, t0: usize, nt: usize, yc: &mut [f32]) {
+    let nb = w.cols / QK;
+    let groups = w.rows.div_ceil(GROUP);
+    let mut out = [[0f32; GROUP]; TILE];
+    for g0 in (0..groups).step_by(GROUPS_PER_PASS) {
+        for tt in (0..nt).step_by(TILE) {
+            let n = TILE.min(nt - tt);
+            let xs: [usize; TILE] = std::array::from_fn(|i| t0 + tt + i.min(n - 1));
+            for g in g0..groups.min(g0 + GROUPS_PER_PASS) {
+                let q = &w.quants[g * nb * GROUP_BLOCK..(g + 1) * nb * GROUP_BLOCK];
+                let sc = &w.scales[g * nb * 2 * GROUP..(g + 1) * nb * 2 * GROUP];
+                K::tile(q, sc, x, xs, &mut out);
+                let r0 = g * GROUP;
+                let nr = GROUP.min(w.rows - r0);
+                for (i, o) in out.iter().enumerate().take(n) {
+                    let dst = (tt + i) * w.rows + r0;
+                    yc[dst..dst + nr].copy_from_slice(&o[..nr]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn run_tokens_avx2(w: &PackedQ4, x: &Q8Rows, t0: usize, nt: usize, yc: &mut [f32]) {
+    run_tokens::<Avx2Kernel>(w, x, t0, nt, yc)
+}
+
+/// One group of 8 rows against 4 tokens (`xs`, token indices of `x`).
+trait Kernel {
+    fn tile(q: &[u8], sc: &[f32], x: &Q8Rows, xs: [usize; TILE], out: &mut [[f32; GROUP]; TILE]);
+}
+
+struct Portable;
+
+impl Kernel for Portable {
+    #[inline(always)]
+    fn tile(q: &[u8], sc: &[f32], x: &Q8Rows, xs: [usize; TILE], out: &mut [[f32; GROUP]; TILE]) {
+        let nb = x.cols / QK;
+        *out = [[0.0; GROUP]; TILE];
+        for b in 0..nb {
+            let qb = &q[b * GROUP_BLOCK..(b + 1) * GROUP_BLOCK];
+            let (d, m) = sc[b * 2 * GROUP..(b + 1) * 2 * GROUP].split_at(GROUP);
+            for (o, &t) in out.iter_mut().zip(&xs) {
+                let a = &x.qs[(t * nb + b) * QK..(t * nb + b + 1) * QK];
+                let (da, sa) = (x.d[t * nb + b], x.s[t * nb + b]);
+                for r in 0..GROUP {
+                    let mut sum = 0i32;
+                    for j in 0..4 {
+                        for i in 0..4 {
+                            let byte = qb[j * 32 + r * 4 + i];
+                            sum += (byte & 15) as i32 * a[4 * j + i] as i32;
+                            sum += (byte >> 4) as i32 * a[16 + 4 * j + i] as i32;
+                        }
+                    }
+                    o[r] = (sum as f32).mul_add(d[r] * da, o[r]);
+                    o[r] = m[r].mul_add(sa, o[r]);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Avx2Kernel;
+
+#[cfg(target_arch = "x86_64")]
+impl Kernel for Avx2Kernel {
+    #[inline(always)]
+    fn tile(q: &[u8], sc: &[f32], x: &Q8Rows, xs: [usize; TILE], out: &mut [[f32; GROUP]; TILE]) {
+        use std::arch::x86_64::*;
+        let nb = x.cols / QK;
+        assert!(q.len() >= nb * GROUP_BLOCK && sc.len() >= nb * 2 * GROUP);
+        for &t in &xs {
+            assert!((t + 1) * nb * QK <= x.qs.len() && (t + 1) * nb <= x.d.len());
+        }
+        // SAFETY: callers run this inside `#[target_feature(enable = "avx2,fma")]`;
+        // every load is within the slices checked above.
+        unsafe {
+            let low = _mm256_set1_epi8(15);
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_ps(); TILE];
+            for b in 0..nb {
+                let qp = q.as_ptr().add(b * GROUP_BLOCK);
+                let mut lo = [_mm256_setzero_si256(); 4];
+                let mut hi = [_mm256_setzero_si256(); 4];
+                for j in 0..4 {
+                    let v = _mm256_loadu_si256(qp.add(j * 32).cast());
+                    lo[j] = _mm256_and_si256(v, low);
+                    hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                }
+                let d = _mm256_loadu_ps(sc.as_ptr().add(b * 2 * GROUP));
+                let m = _mm256_loadu_ps(sc.as_ptr().add(b * 2 * GROUP + GROUP));
+                for (acc, &t) in acc.iter_mut().zip(&xs) {
+                    let ap = x.qs.as_ptr().add((t * nb + b) * QK);
+                    // 4 activation bytes from offset `o`, in every row's lane.
+                    macro_rules! word {
+                        ($o:expr) => {
+                            _mm256_set1_epi32(ap.add($o).cast::<i32>().read_unaligned())
+                        };
+                    }
+                    let mut s16 = _mm256_maddubs_epi16(lo[0], word!(0));
+                    s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[0], word!(16)));
+                    for j in 1..4 {
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[j], word!(4 * j)));
+                        s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[j], word!(16 + 4 * j)));
+                    }
+                    let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
+                    let da = _mm256_set1_ps(*x.d.get_unchecked(t * nb + b));
+                    let sa = _mm256_set1_ps(*x.s.get_unchecked(t * nb + b));
+                    *acc = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, da), *acc);
+                    *acc = _mm256_fmadd_ps(m, sa, *acc);
+                }
+            }
+            for (o, a) in out.iter_mut().zip(&acc) {
+                _mm256_storeu_ps(o.as_mut_ptr(), *a);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::{dequantize_row, quantize_row};
+
+    fn rng(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    /// Rows of `ty` quantized from random values, and their exact decode.
+    fn matrix(ty: GgmlType, rows: usize, cols: usize, seed: &mut u64) -> (Vec<u8>, Vec<f32>) {
+        let rb = ty.row_bytes(cols).unwrap();
+        let mut data = vec![0u8; rows * rb];
+        let mut dec = vec![0f32; rows * cols];
+        for r in 0..rows {
+            let v: Vec<f32> = (0..cols)
+                .map(|_| rng(seed) * (1.0 + r as f32 * 0.1))
+                .collect();
+            quantize_row(ty, &v, &mut data[r * rb..(r + 1) * rb]).unwrap();
+            dequantize_row(
+                ty,
+                &data[r * rb..(r + 1) * rb],
+                &mut dec[r * cols..(r + 1) * cols],
+            )
+            .unwrap();
+        }
+        (data, dec)
+    }
+
+    #[test]
+    fn matches_the_f32_product_of_the_decoded_weights_and_every_level_agrees() {
+        let mut seed = 7;
+        // 13 rows: a padded group; 7 tokens: a partial tile; 96 columns: 3 blocks.
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1] {
+            let (rows, cols, n) = (13, 96, 7);
+            let (data, dec) = matrix(ty, rows, cols, &mut seed);
+            let x: Vec<f32> = (0..n * cols).map(|_| rng(&mut seed) * 4.0).collect();
+            let mut w = PackedQ4::new();
+            w.pack(ty, rows, cols, &data);
+            let mut xq = Q8Rows::new();
+            xq.quantize(&x, cols);
+            let mut outs = Vec::new();
+            for lv in super::super::simd::available_levels() {
+                let mut y = vec![f32::NAN; n * rows];
+                gemm_at(lv, &w, &xq, &mut y);
+                outs.push(y);
+            }
+            for y in &outs[1..] {
+                assert_eq!(y, &outs[0], "{ty:?}: the AVX2 kernel's bits differ");
+            }
+            let y = &outs[0];
+            // Exactly the product of the 8-bit activations and the weights.
+            for t in 0..n {
+                let xt: Vec<f32> = (0..cols)
+                    .map(|k| xq.qs[t * cols + k] as f32 * xq.d[t * cols / QK + k / QK])
+                    .collect();
+                for r in 0..rows {
+                    let wr = &dec[r * cols..(r + 1) * cols];
+                    let want: f64 = wr.iter().zip(&xt).map(|(a, b)| f64::from(a * b)).sum();
+                    let l1: f64 = wr
+                        .iter()
+                        .zip(&xt)
+                        .map(|(a, b)| f64::from((a * b).abs()))
+                        .sum();
+                    let got = f64::from(y[t * rows + r]);
+                    assert!(
+                        (got - want).abs() <= 1e-6 * l1,
+                        "{ty:?} t{t} r{r}: {got} vs {want}"
+                    );
+                }
+            }
+            for t in 0..n {
+                let xt = &x[t * cols..(t + 1) * cols];
+                let amax = xt.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for r in 0..rows {
+                    let wr = &dec[r * cols..(r + 1) * cols];
+                    let exact: f32 = wr.iter().zip(xt).map(|(a, b)| a * b).sum();
+                    let l1: f32 = wr.iter().map(|v| v.abs()).sum();
+                    // Each activation moves at most half a step, amax/254.
+                    let bound = l1 * amax / 254.0 + 1e-4;
+                    let got = y[t * rows + r];
+                    assert!(
+                        (got - exact).abs() <= bound,
+                        "{ty:?} t{t} r{r}: {got} vs {exact}"
+                    );
+                }
+            }
+            // Same weights, same quants: a product that ignored the 8-bit
+            // rounding would not reproduce the integer sums this gives.
+            let mut y2 = vec![0f32; n * rows];
+            gemm(&w, &xq, &mut y2);
+            assert_eq!(&y2, y);
+        }
+    }
+
+    #[test]
+    fn packed_rows_give_each_rows_own_dot_product_through_the_q8_path() {
+        // The integer matrix-vector path of generation computes the same sums.
+        let mut seed = 11;
+        let (rows, cols) = (8, 64);
+        let (data, _) = matrix(GgmlType::Q4_1, rows, cols, &mut seed);
+        let x: Vec<f32> = (0..cols).map(|_| rng(&mut seed)).collect();
+        let mut w = PackedQ4::new();
+        w.pack(GgmlType::Q4_1, rows, cols, &data);
+        let mut xq = Q8Rows::new();
+        xq.quantize(&x, cols);
+        let mut y = vec![0f32; rows];
+        gemm(&w, &xq, &mut y);
+        let a = crate::quant::quantize_activation_q8(&x);
+        let rb = GgmlType::Q4_1.row_bytes(cols).unwrap();
+        for r in 0..rows {
+            let want = crate::quant::dot_row_q8(GgmlType::Q4_1, &data[r * rb..(r + 1) * rb], &a);
+            assert!(
+                (y[r] - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{} vs {want}",
+                y[r]
+            );
+        }
+    }
+}
