@@ -193,6 +193,10 @@ pub enum Op {
     LinearBackX { w: FrozenId },
     /// `dy (N, m)`, `p (m, k)` → `dx = dy·p (N, k)`.
     MatmulNN,
+    /// `base (N, k)`, `dy (N, m)`, `p (m, k)` → `base + dy·p`: a thin
+    /// [`Op::MatmulNN`] (`m` at most 16) fused with the `Add` that was its
+    /// only reader, by [`plan::fuse_thin_products`] for the CPU.
+    MatmulNNAdd,
     /// `dy (N, m)`, `x (N, k)` → `dp = dyᵀ·x (m, k)`.
     MatmulTN,
     /// `x`, `dy` → `dx` of [`Op::RmsNorm`].
@@ -236,6 +240,7 @@ impl Op {
             Op::LossHead { .. } => "loss_head",
             Op::LinearBackX { .. } => "linear_back_x",
             Op::MatmulNN => "matmul_nn",
+            Op::MatmulNNAdd => "matmul_nn_add",
             Op::MatmulTN => "matmul_tn",
             Op::RmsNormBack { .. } => "rms_norm_back",
             Op::RopeBack { .. } => "rope_back",

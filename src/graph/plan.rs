@@ -8,7 +8,7 @@
 //! last reader has run; the buffer's length is the exact peak of
 //! activations and gradients, known before the step runs.
 
-use super::{Graph, Node, Phase, TensorId, TensorKind};
+use super::{Graph, Node, Op, Phase, TensorId, TensorKind};
 use std::collections::{BTreeSet, HashMap};
 
 /// Arena offsets are multiples of this many f32 (64 bytes).
@@ -75,6 +75,55 @@ pub fn recompute_layers(g: &Graph, layers: &BTreeSet<usize>) -> Graph {
         }
         out.nodes.push(n);
     }
+    out
+}
+
+/// Widest inner dimension of a product [`fuse_thin_products`] fuses.
+pub const THIN_K: usize = 16;
+
+/// Return `g` with each thin `MatmulNN` (inner dimension at most
+/// [`THIN_K`]: LoRA's `d(xA)·A` in the backward pass) whose only reader is
+/// an `Add` folded into that `Add` as one [`Op::MatmulNNAdd`]: the CPU
+/// computes `base + dy·p` in one pass over the output instead of writing,
+/// reading and adding an `N × k` product. (The GPU runs the unfused graph.)
+pub fn fuse_thin_products(g: &Graph) -> Graph {
+    let mut readers = vec![0usize; g.tensors.len()];
+    let mut producer = vec![usize::MAX; g.tensors.len()];
+    for (k, n) in g.nodes.iter().enumerate() {
+        for &i in &n.inputs {
+            readers[i] += 1;
+        }
+        for &o in &n.outputs {
+            producer[o] = k;
+        }
+    }
+    let mut drop = vec![false; g.nodes.len()];
+    let mut out = g.clone();
+    for (k, n) in g.nodes.iter().enumerate() {
+        if !matches!(n.op, Op::Add) {
+            continue;
+        }
+        for side in 0..2 {
+            let t = n.inputs[side];
+            let m = producer[t];
+            if m == usize::MAX || drop[m] || readers[t] != 1 {
+                continue;
+            }
+            let mm = &g.nodes[m];
+            if matches!(mm.op, Op::MatmulNN)
+                && g.shape(mm.inputs[1]).rows <= THIN_K
+                && g.tensors[t].kind == TensorKind::Activation
+            {
+                drop[m] = true;
+                let node = &mut out.nodes[k];
+                node.op = Op::MatmulNNAdd;
+                node.inputs = vec![n.inputs[1 - side], mm.inputs[0], mm.inputs[1]];
+                break;
+            }
+        }
+    }
+    let mut keep = drop.iter().map(|d| !d);
+    out.nodes.retain(|_| keep.next().unwrap());
     out
 }
 

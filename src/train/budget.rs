@@ -114,6 +114,11 @@ pub fn plan_step(
     }
     let layers: BTreeSet<usize> = (0..recompute.min(s.spec.layers.len())).collect();
     let graph = plan::recompute_layers(&g, &layers);
+    let graph = if s.gpu {
+        graph
+    } else {
+        plan::fuse_thin_products(&graph)
+    };
     let plan = MemoryPlan::new(&graph);
     let n_params: u64 = graph.params.iter().map(|p| p.shape.numel() as u64).sum();
     // Values, two AdamW moments (MeZO: the perturbed point), the gradient

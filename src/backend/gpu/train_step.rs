@@ -701,6 +701,11 @@ impl GpuStep {
                     let (dy, pv) = (v(0)?, v(1)?);
                     out.push(train::matmul_nn(ctx, dy, pv, o(0)?, n_tok, p.rows, p.cols)?);
                 }
+                Op::MatmulNNAdd => {
+                    return Err(Error::Invalid(
+                        "matmul_nn_add is fused for the CPU; plan GPU steps without it".into(),
+                    ));
+                }
                 Op::MatmulTN => {
                     let (dy, x) = (g.shape(node.inputs[0]), g.shape(node.inputs[1]));
                     let (dyv, xv) = (v(0)?, v(1)?);

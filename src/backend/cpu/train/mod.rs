@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Tokens per chunk of the loss head (bounds its logits to `chunk × vocab`).
-pub const DEFAULT_LOSS_CHUNK: usize = 256;
+pub const DEFAULT_LOSS_CHUNK: usize = 512;
 
 /// Time spent per op kind in one or more steps.
 #[derive(Debug, Clone, Default)]
@@ -61,6 +61,8 @@ pub struct CpuStep<'m> {
     threads: usize,
     pool: Arc<rayon::ThreadPool>,
     int8: Option<Int8Forward>,
+    /// A thin parameter transposed, for [`ops::add_thin_product`].
+    thin: Vec<f32>,
     /// Per-op timings, when enabled.
     pub profile: Option<StepProfile>,
 }
@@ -157,6 +159,7 @@ impl<'m> CpuStep<'m> {
             threads: super::resolve_threads(threads),
             pool: super::thread_pool(threads)?,
             int8: None,
+            thin: Vec::new(),
             graph,
             plan,
             vectors,
@@ -321,6 +324,18 @@ impl<'m> CpuStep<'m> {
                     );
                     matmul_into(n, p.rows, p.cols, a, b, write(o[0]), p.rows, false, threads);
                 }
+                Op::MatmulTAdd if g.shape(i[2]).cols <= ops::THIN_K => {
+                    // out = base + x·pᵀ: pᵀ once, then one pass.
+                    let p = g.shape(i[2]);
+                    let (src, t) = (read(i[2]), &mut self.thin);
+                    t.resize(p.rows * p.cols, 0.0);
+                    for (r, row) in src.chunks_exact(p.cols).enumerate() {
+                        for (c, &v) in row.iter().enumerate() {
+                            t[c * p.rows + r] = v;
+                        }
+                    }
+                    ops::add_thin_product(read(i[0]), read(i[1]), t, p.cols, write(o[0]));
+                }
                 Op::MatmulTAdd => {
                     let (x, p) = (read(i[1]), g.shape(i[2]));
                     let n = x.len() / p.cols;
@@ -337,6 +352,10 @@ impl<'m> CpuStep<'m> {
                     let n = dy.len() / p.rows;
                     let (a, b) = (Operand::new(dy, p.rows), Operand::new(read(i[1]), p.cols));
                     matmul_into(n, p.cols, p.rows, a, b, write(o[0]), p.cols, false, threads);
+                }
+                Op::MatmulNNAdd => {
+                    let k = g.shape(i[2]).rows;
+                    ops::add_thin_product(read(i[0]), read(i[1]), read(i[2]), k, write(o[0]));
                 }
                 Op::MatmulTN => {
                     let (dy, x) = (g.shape(i[0]), g.shape(i[1]));

@@ -253,3 +253,65 @@ mod tests {
         assert_ne!(y, y2, "another seed draws another mask");
     }
 }
+
+/// Widest inner dimension [`add_thin_product`] takes (LoRA ranks; wider
+/// products go through the GEMM).
+pub use crate::graph::plan::THIN_K;
+
+/// Rows of `out` per pass of [`add_thin_row_tile`] (each loaded slice of
+/// `rows` serves all of them).
+const THIN_TILE: usize = 4;
+/// Columns per pass (a tile's rows and the matching slices stay in L1).
+const THIN_COLS: usize = 512;
+
+simd_fn! {
+    /// `out[r] = base[r] + Σ_k x[r·k_n + k] · rows[k]` for a tile of rows,
+    /// each `n = out.len() / tile` wide.
+    fn add_thin_row_tile(out: &mut [f32], base: &[f32], x: &[f32], rows: &[f32], k_n: usize) {
+        let tile = x.len() / k_n;
+        let n = out.len() / tile;
+        out.copy_from_slice(base);
+        for c0 in (0..n).step_by(THIN_COLS) {
+            let c1 = (c0 + THIN_COLS).min(n);
+            for k in 0..k_n {
+                let p = &rows[k * n + c0..k * n + c1];
+                for r in 0..tile {
+                    let a = x[r * k_n + k];
+                    for (o, &pv) in out[r * n + c0..r * n + c1].iter_mut().zip(p) {
+                        *o += a * pv;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `out (N, n) = base + x (N, k) · rows (k, n)` in one pass over `out`, for
+/// a thin `k` (at most [`THIN_K`]): the LoRA update added to the frozen
+/// product (`rows` = Bᵀ), or its input gradient added to the frozen one
+/// (`rows` = A), without an intermediate `N × n` tensor.
+pub fn add_thin_product(base: &[f32], x: &[f32], rows: &[f32], k: usize, out: &mut [f32]) {
+    assert!((1..=THIN_K).contains(&k), "add_thin_product: k = {k}");
+    let n = rows.len() / k;
+    assert!(
+        rows.len() == k * n && out.len().is_multiple_of(n),
+        "add_thin_product: shapes"
+    );
+    assert!(
+        base.len() == out.len() && x.len() == out.len() / n * k,
+        "add_thin_product: lengths"
+    );
+    let task = ROWS * THIN_TILE;
+    out.par_chunks_mut(n * task)
+        .zip(base.par_chunks(n * task))
+        .zip(x.par_chunks(k * task))
+        .for_each(|((oc, bc), xc)| {
+            let tiles = oc
+                .chunks_mut(n * THIN_TILE)
+                .zip(bc.chunks(n * THIN_TILE))
+                .zip(xc.chunks(k * THIN_TILE));
+            for ((o, b), xt) in tiles {
+                add_thin_row_tile(o, b, xt, rows, k);
+            }
+        });
+}

@@ -405,3 +405,47 @@ fn fast_forward_stays_close_to_f32_and_recomputed_layers_reproduce_it() {
     assert_eq!(rfast, fast);
     assert_eq!(rgrads, fast_grads);
 }
+
+#[test]
+fn fused_thin_products_give_the_unfused_gradients_with_fewer_nodes() {
+    let cfg = Cfg::llama(GgmlType::Q8_0, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_model(&cfg, &path);
+    let model = Model::open(&path).unwrap();
+    let lora = Lora::new(LoraConfig::default(), model.spec().layers.len()).unwrap();
+    let mut g = DecoderGraph::build(model.spec(), 2, 8, &lora);
+    autodiff::differentiate(&mut g).unwrap();
+    let mut params = lora.init(&g, 3);
+    for (p, v) in g.params.iter().zip(params.iter_mut()) {
+        if p.name.ends_with("lora_b") {
+            *v = values(p.tensor as u64, v.len(), 0.3);
+        }
+    }
+    let fused = plan::fuse_thin_products(&g);
+    let count = |g: &crate::graph::Graph, name: &str| {
+        g.nodes.iter().filter(|n| n.op.name() == name).count()
+    };
+    // Every LoRA A's input gradient joins the frozen one: one fused node
+    // each, one MatmulNN and one Add fewer. 7 targets × 2 layers, less layer
+    // 0's q, k and v, whose input (the embeddings) needs no gradient.
+    let n = count(&fused, "matmul_nn_add");
+    assert_eq!(n, 11);
+    assert_eq!(count(&fused, "matmul_nn") + n, count(&g, "matmul_nn"));
+    assert_eq!(count(&fused, "add") + n, count(&g, "add"));
+    let batch = tiny_batch(cfg.n_vocab as u32);
+    let run = |graph: &crate::graph::Graph| {
+        let mut step = CpuStep::new(&model, graph.clone(), MemoryPlan::new(graph), 2).unwrap();
+        let (loss, _) = step.run(&inputs(&batch, 0.1), &params).unwrap();
+        let grads: Vec<Vec<f32>> = (0..graph.params.len())
+            .map(|i| step.grad(i).to_vec())
+            .collect();
+        (loss, grads)
+    };
+    let (l0, g0) = run(&g);
+    let (l1, g1) = run(&fused);
+    assert_eq!(l0, l1);
+    for (a, b) in g0.iter().flatten().zip(g1.iter().flatten()) {
+        assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
+    }
+}
