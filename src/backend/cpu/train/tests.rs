@@ -6,8 +6,8 @@ use super::attention::{AttnSaved, Rows, attention_backward, attention_forward};
 use super::loss::loss_head;
 use super::ops::*;
 use crate::backend::cpu::matmul::QMatrix;
-use crate::graph::testing::{inputs, tiny_batch};
-use crate::graph::{AttnGeom, DecoderGraph, MemoryPlan, StepInputs, autodiff, plan};
+use crate::graph::testing::{TinyBatch, inputs, tiny_batch};
+use crate::graph::{AttnGeom, DecoderGraph, Graph, MemoryPlan, StepInputs, autodiff, plan};
 use crate::model::tiny::{Cfg, values, write_model};
 use crate::model::{Activation, Model, Rope, RopeKind};
 use crate::peft::Method;
@@ -206,30 +206,71 @@ fn loss_head_gradient_matches_finite_differences() {
     });
 }
 
-/// The whole model's LoRA gradients against finite differences of its loss.
-fn check_model(cfg: Cfg, dropout: f32) {
+/// A tiny model of `cfg` on disk, a differentiated LoRA graph over
+/// [`tiny_batch`] and its parameters, B given values (it starts at zero) so
+/// that A's gradients are not zero.
+struct LoraCase {
+    _dir: tempfile::TempDir,
+    model: Model,
+    g: Graph,
+    params: Vec<Vec<f32>>,
+    batch: TinyBatch,
+}
+
+fn lora_case(cfg: &Cfg, lora_cfg: LoraConfig) -> LoraCase {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
-    write_model(&cfg, &path);
+    write_model(cfg, &path);
     let model = Model::open(&path).unwrap();
-    let spec = model.spec();
+    let lora = Lora::new(lora_cfg, model.spec().layers.len()).unwrap();
+    let mut g = DecoderGraph::build(model.spec(), 2, 8, &lora);
+    autodiff::differentiate(&mut g).unwrap();
+    let mut params = lora.init(&g, 3);
+    for (p, v) in g.params.iter().zip(params.iter_mut()) {
+        if p.name.ends_with("lora_b") {
+            *v = values(p.tensor as u64, v.len(), 0.3);
+        }
+    }
+    LoraCase {
+        _dir: dir,
+        model,
+        g,
+        params,
+        batch: tiny_batch(cfg.n_vocab as u32),
+    }
+}
+
+impl LoraCase {
+    /// The loss and parameter gradients of one step of `graph` (this
+    /// case's graph or a rewrite of it), with 8-bit forward products when
+    /// `fast`.
+    fn grads(&self, graph: &Graph, fast: bool) -> (f64, Vec<Vec<f32>>) {
+        let mut step = CpuStep::new(&self.model, graph.clone(), MemoryPlan::new(graph), 2).unwrap();
+        step.set_fast(fast);
+        let (loss, _) = step.run(&inputs(&self.batch, 0.1), &self.params).unwrap();
+        let grads = (0..graph.params.len())
+            .map(|i| step.grad(i).to_vec())
+            .collect();
+        (loss, grads)
+    }
+}
+
+/// The whole model's LoRA gradients against finite differences of its loss.
+fn check_model(cfg: Cfg, dropout: f32) {
     let lora_cfg = LoraConfig {
         rank: 2,
         alpha: 4.0,
         dropout,
         ..LoraConfig::default()
     };
-    let lora = Lora::new(lora_cfg, spec.layers.len()).unwrap();
-    let mut g = DecoderGraph::build(spec, 2, 8, &lora);
-    autodiff::differentiate(&mut g).unwrap();
-    let mut params = lora.init(&g, 3);
-    // B starts at zero; give it values so that A's gradients are not zero.
-    for (p, v) in g.params.iter().zip(params.iter_mut()) {
-        if p.name.ends_with("lora_b") {
-            *v = values(p.tensor as u64, v.len(), 0.3);
-        }
-    }
-    let batch = tiny_batch(cfg.n_vocab as u32);
+    let LoraCase {
+        model,
+        g,
+        params,
+        batch,
+        ..
+    } = lora_case(&cfg, lora_cfg);
+    let spec = model.spec();
     let plan = MemoryPlan::new(&g);
     let mut step = CpuStep::new(&model, g.clone(), plan, 2).unwrap();
     let (_, count) = step.run(&inputs(&batch, 1.0), &params).unwrap();
@@ -352,33 +393,10 @@ fn attention_over_several_query_blocks_matches_finite_differences() {
 
 #[test]
 fn fast_forward_stays_close_to_f32_and_recomputed_layers_reproduce_it() {
-    let cfg = Cfg::llama(GgmlType::Q4_1, 2);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_model(&cfg, &path);
-    let model = Model::open(&path).unwrap();
-    let spec = model.spec();
-    let lora = Lora::new(LoraConfig::default(), spec.layers.len()).unwrap();
-    let mut g = DecoderGraph::build(spec, 2, 8, &lora);
-    autodiff::differentiate(&mut g).unwrap();
-    let mut params = lora.init(&g, 3);
-    for (p, v) in g.params.iter().zip(params.iter_mut()) {
-        if p.name.ends_with("lora_b") {
-            *v = values(p.tensor as u64, v.len(), 0.3);
-        }
-    }
-    let batch = tiny_batch(cfg.n_vocab as u32);
-    let run = |graph: &crate::graph::Graph, fast: bool| {
-        let mut step = CpuStep::new(&model, graph.clone(), MemoryPlan::new(graph), 2).unwrap();
-        step.set_fast(fast);
-        let (loss, _) = step.run(&inputs(&batch, 0.1), &params).unwrap();
-        let grads: Vec<Vec<f32>> = (0..graph.params.len())
-            .map(|i| step.grad(i).to_vec())
-            .collect();
-        (loss, grads)
-    };
-    let (exact, exact_grads) = run(&g, false);
-    let (fast, fast_grads) = run(&g, true);
+    let c = lora_case(&Cfg::llama(GgmlType::Q4_1, 2), LoraConfig::default());
+    let g = &c.g;
+    let (exact, exact_grads) = c.grads(g, false);
+    let (fast, fast_grads) = c.grads(g, true);
     // The 8-bit products are taken (the loss moves) and stay close.
     assert_ne!(fast, exact);
     assert!(
@@ -400,50 +418,27 @@ fn fast_forward_stays_close_to_f32_and_recomputed_layers_reproduce_it() {
         );
     }
     // Recomputed layers run the same products: the same bits.
-    let all: BTreeSet<usize> = (0..spec.layers.len()).collect();
-    let (rfast, rgrads) = run(&plan::recompute_layers(&g, &all), true);
+    let all: BTreeSet<usize> = (0..c.model.spec().layers.len()).collect();
+    let (rfast, rgrads) = c.grads(&plan::recompute_layers(g, &all), true);
     assert_eq!(rfast, fast);
     assert_eq!(rgrads, fast_grads);
 }
 
 #[test]
 fn fused_thin_products_give_the_unfused_gradients_with_fewer_nodes() {
-    let cfg = Cfg::llama(GgmlType::Q8_0, 2);
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_model(&cfg, &path);
-    let model = Model::open(&path).unwrap();
-    let lora = Lora::new(LoraConfig::default(), model.spec().layers.len()).unwrap();
-    let mut g = DecoderGraph::build(model.spec(), 2, 8, &lora);
-    autodiff::differentiate(&mut g).unwrap();
-    let mut params = lora.init(&g, 3);
-    for (p, v) in g.params.iter().zip(params.iter_mut()) {
-        if p.name.ends_with("lora_b") {
-            *v = values(p.tensor as u64, v.len(), 0.3);
-        }
-    }
-    let fused = plan::fuse_thin_products(&g);
-    let count = |g: &crate::graph::Graph, name: &str| {
-        g.nodes.iter().filter(|n| n.op.name() == name).count()
-    };
+    let c = lora_case(&Cfg::llama(GgmlType::Q8_0, 2), LoraConfig::default());
+    let g = &c.g;
+    let fused = plan::fuse_thin_products(g);
+    let count = |g: &Graph, name: &str| g.nodes.iter().filter(|n| n.op.name() == name).count();
     // Every LoRA A's input gradient joins the frozen one: one fused node
     // each, one MatmulNN and one Add fewer. 7 targets × 2 layers, less layer
     // 0's q, k and v, whose input (the embeddings) needs no gradient.
     let n = count(&fused, "matmul_nn_add");
     assert_eq!(n, 11);
-    assert_eq!(count(&fused, "matmul_nn") + n, count(&g, "matmul_nn"));
-    assert_eq!(count(&fused, "add") + n, count(&g, "add"));
-    let batch = tiny_batch(cfg.n_vocab as u32);
-    let run = |graph: &crate::graph::Graph| {
-        let mut step = CpuStep::new(&model, graph.clone(), MemoryPlan::new(graph), 2).unwrap();
-        let (loss, _) = step.run(&inputs(&batch, 0.1), &params).unwrap();
-        let grads: Vec<Vec<f32>> = (0..graph.params.len())
-            .map(|i| step.grad(i).to_vec())
-            .collect();
-        (loss, grads)
-    };
-    let (l0, g0) = run(&g);
-    let (l1, g1) = run(&fused);
+    assert_eq!(count(&fused, "matmul_nn") + n, count(g, "matmul_nn"));
+    assert_eq!(count(&fused, "add") + n, count(g, "add"));
+    let (l0, g0) = c.grads(g, false);
+    let (l1, g1) = c.grads(&fused, false);
     assert_eq!(l0, l1);
     for (a, b) in g0.iter().flatten().zip(g1.iter().flatten()) {
         assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
