@@ -10,58 +10,15 @@ use super::GpuStep;
 use crate::backend::cpu::train::CpuStep;
 use crate::backend::gpu::train::GpuOptim;
 use crate::backend::gpu::{GpuContext, testing};
-use crate::graph::testing::{TinyBatch, inputs, tiny_batch};
-use crate::graph::{DecoderGraph, Graph, MemoryPlan, StepInputs, autodiff, plan};
-use crate::model::Model;
-use crate::model::tiny::{Cfg, values, write_model};
-use crate::peft::Method;
-use crate::peft::lora::{Lora, LoraConfig};
+use crate::graph::testing::{LoraCase, TinyBatch, inputs, lora_case, small_lora, tiny_batch};
+use crate::graph::{Graph, MemoryPlan, StepInputs, plan};
+use crate::model::tiny::Cfg;
 use crate::quant::GgmlType;
 use crate::train::optim::{AdamWConfig, AdamWState, clip_scale, global_norm};
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-/// A tiny model, its LoRA graph (rank 2, every target, `dropout`), and
-/// parameters with B not zero (so that A's gradients are not zero).
-struct Setup {
-    _dir: tempfile::TempDir,
-    model: Model,
-    graph: Graph,
-    params: Vec<Vec<f32>>,
-    batch: TinyBatch,
-}
-
-fn setup(cfg: &Cfg, dropout: f32) -> Setup {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_model(cfg, &path);
-    let model = Model::open(&path).unwrap();
-    let lora_cfg = LoraConfig {
-        rank: 2,
-        alpha: 4.0,
-        dropout,
-        ..LoraConfig::default()
-    };
-    let lora = Lora::new(lora_cfg, model.spec().layers.len()).unwrap();
-    let mut graph = DecoderGraph::build(model.spec(), 2, 8, &lora);
-    autodiff::differentiate(&mut graph).unwrap();
-    let mut params = lora.init(&graph, 3);
-    for (p, v) in graph.params.iter().zip(params.iter_mut()) {
-        if p.name.ends_with("lora_b") {
-            *v = values(p.tensor as u64, v.len(), 0.3);
-        }
-    }
-    Setup {
-        _dir: dir,
-        model,
-        graph,
-        params,
-        batch: tiny_batch(cfg.n_vocab as u32),
-    }
-}
-
-/// The CPU's (Σ NLL, count) and gradients at loss scale `scale`.
-fn cpu_step(s: &Setup, scale: f32) -> ((f64, usize), Vec<Vec<f32>>) {
+fn cpu_step(s: &LoraCase, scale: f32) -> ((f64, usize), Vec<Vec<f32>>) {
     let plan = MemoryPlan::new(&s.graph);
     let mut step = CpuStep::new(&s.model, s.graph.clone(), plan, 2).unwrap();
     let loss = step.run(&inputs(&s.batch, scale), &s.params).unwrap();
@@ -76,7 +33,7 @@ fn cpu_step(s: &Setup, scale: f32) -> ((f64, usize), Vec<Vec<f32>>) {
 /// step (for more runs) and the worst (loss, gradient) errors.
 fn check_gpu(
     ctx: &Arc<GpuContext>,
-    s: &Setup,
+    s: &LoraCase,
     graph: Graph,
     scale: f32,
     want: &((f64, usize), Vec<Vec<f32>>),
@@ -117,7 +74,7 @@ fn check_gpu(
 
 /// The full plan, then every layer recomputed, on `ctx`.
 fn check_model(ctx: &Arc<GpuContext>, cfg: &Cfg, dropout: f32, recompute: bool) -> GpuStep {
-    let s = setup(cfg, dropout);
+    let s = lora_case(cfg, small_lora(dropout));
     let count = s.batch.targets.iter().filter(|&&t| t != u32::MAX).count();
     let scale = 1.0 / count as f32;
     let want = cpu_step(&s, scale);
@@ -146,7 +103,7 @@ fn tiny_llama_step_matches_cpu_full_and_recomputed() {
     let mut step = check_model(&ctx, &Cfg::llama(GgmlType::Q8_0, 2), 0.1, true);
     // Inputs are checked before anything is written.
     let b = tiny_batch(50);
-    let s = setup(&Cfg::llama(GgmlType::Q8_0, 2), 0.1);
+    let s = lora_case(&Cfg::llama(GgmlType::Q8_0, 2), small_lora(0.1));
     let mut bad = |f: &dyn Fn(&mut TinyBatch), params: &[Vec<f32>], msg: &str| {
         let mut b2 = TinyBatch {
             tokens: b.tokens.clone(),
@@ -210,7 +167,7 @@ fn rel_err(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The worst [`rel_err`] over tensors, and which.
-fn worst(got: &[Vec<f32>], want: &[Vec<f32>], s: &Setup) -> (f32, String) {
+fn worst(got: &[Vec<f32>], want: &[Vec<f32>], s: &LoraCase) -> (f32, String) {
     got.iter()
         .zip(want)
         .enumerate()
@@ -250,7 +207,7 @@ fn resident_steps_match_host_adamw_with_clipping_skip_and_restore() {
     let Some(ctx) = testing::context() else {
         return;
     };
-    let s = setup(&Cfg::llama(GgmlType::Q8_0, 2), 0.1);
+    let s = lora_case(&Cfg::llama(GgmlType::Q8_0, 2), small_lora(0.1));
     let count = s.batch.targets.iter().filter(|&&t| t != u32::MAX).count();
     let scale = 1.0 / count as f32;
     let cfg = AdamWConfig {

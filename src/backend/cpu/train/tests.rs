@@ -6,7 +6,7 @@ use super::attention::{AttnSaved, Rows, attention_backward, attention_forward};
 use super::loss::loss_head;
 use super::ops::*;
 use crate::backend::cpu::matmul::QMatrix;
-use crate::graph::testing::{TinyBatch, inputs, tiny_batch};
+use crate::graph::testing::{LoraCase, inputs, lora_case, small_lora};
 use crate::graph::{AttnGeom, DecoderGraph, Graph, MemoryPlan, StepInputs, autodiff, plan};
 use crate::model::tiny::{Cfg, values, write_model};
 use crate::model::{Activation, Model, Rope, RopeKind};
@@ -206,70 +206,27 @@ fn loss_head_gradient_matches_finite_differences() {
     });
 }
 
-/// A tiny model of `cfg` on disk, a differentiated LoRA graph over
-/// [`tiny_batch`] and its parameters, B given values (it starts at zero) so
-/// that A's gradients are not zero.
-struct LoraCase {
-    _dir: tempfile::TempDir,
-    model: Model,
-    g: Graph,
-    params: Vec<Vec<f32>>,
-    batch: TinyBatch,
-}
-
-fn lora_case(cfg: &Cfg, lora_cfg: LoraConfig) -> LoraCase {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_model(cfg, &path);
-    let model = Model::open(&path).unwrap();
-    let lora = Lora::new(lora_cfg, model.spec().layers.len()).unwrap();
-    let mut g = DecoderGraph::build(model.spec(), 2, 8, &lora);
-    autodiff::differentiate(&mut g).unwrap();
-    let mut params = lora.init(&g, 3);
-    for (p, v) in g.params.iter().zip(params.iter_mut()) {
-        if p.name.ends_with("lora_b") {
-            *v = values(p.tensor as u64, v.len(), 0.3);
-        }
-    }
-    LoraCase {
-        _dir: dir,
-        model,
-        g,
-        params,
-        batch: tiny_batch(cfg.n_vocab as u32),
-    }
-}
-
-impl LoraCase {
-    /// The loss and parameter gradients of one step of `graph` (this
-    /// case's graph or a rewrite of it), with 8-bit forward products when
-    /// `fast`.
-    fn grads(&self, graph: &Graph, fast: bool) -> (f64, Vec<Vec<f32>>) {
-        let mut step = CpuStep::new(&self.model, graph.clone(), MemoryPlan::new(graph), 2).unwrap();
-        step.set_fast(fast);
-        let (loss, _) = step.run(&inputs(&self.batch, 0.1), &self.params).unwrap();
-        let grads = (0..graph.params.len())
-            .map(|i| step.grad(i).to_vec())
-            .collect();
-        (loss, grads)
-    }
+/// The loss and parameter gradients of one step of `graph` (a case's graph
+/// or a rewrite of it), with 8-bit forward products when `fast`.
+fn grads(c: &LoraCase, graph: &Graph, fast: bool) -> (f64, Vec<Vec<f32>>) {
+    let mut step = CpuStep::new(&c.model, graph.clone(), MemoryPlan::new(graph), 2).unwrap();
+    step.set_fast(fast);
+    let (loss, _) = step.run(&inputs(&c.batch, 0.1), &c.params).unwrap();
+    let grads = (0..graph.params.len())
+        .map(|i| step.grad(i).to_vec())
+        .collect();
+    (loss, grads)
 }
 
 /// The whole model's LoRA gradients against finite differences of its loss.
 fn check_model(cfg: Cfg, dropout: f32) {
-    let lora_cfg = LoraConfig {
-        rank: 2,
-        alpha: 4.0,
-        dropout,
-        ..LoraConfig::default()
-    };
     let LoraCase {
         model,
-        g,
+        graph: g,
         params,
         batch,
         ..
-    } = lora_case(&cfg, lora_cfg);
+    } = lora_case(&cfg, small_lora(dropout));
     let spec = model.spec();
     let plan = MemoryPlan::new(&g);
     let mut step = CpuStep::new(&model, g.clone(), plan, 2).unwrap();
@@ -394,9 +351,9 @@ fn attention_over_several_query_blocks_matches_finite_differences() {
 #[test]
 fn fast_forward_stays_close_to_f32_and_recomputed_layers_reproduce_it() {
     let c = lora_case(&Cfg::llama(GgmlType::Q4_1, 2), LoraConfig::default());
-    let g = &c.g;
-    let (exact, exact_grads) = c.grads(g, false);
-    let (fast, fast_grads) = c.grads(g, true);
+    let g = &c.graph;
+    let (exact, exact_grads) = grads(&c, g, false);
+    let (fast, fast_grads) = grads(&c, g, true);
     // The 8-bit products are taken (the loss moves) and stay close.
     assert_ne!(fast, exact);
     assert!(
@@ -419,7 +376,7 @@ fn fast_forward_stays_close_to_f32_and_recomputed_layers_reproduce_it() {
     }
     // Recomputed layers run the same products: the same bits.
     let all: BTreeSet<usize> = (0..c.model.spec().layers.len()).collect();
-    let (rfast, rgrads) = c.grads(&plan::recompute_layers(g, &all), true);
+    let (rfast, rgrads) = grads(&c, &plan::recompute_layers(g, &all), true);
     assert_eq!(rfast, fast);
     assert_eq!(rgrads, fast_grads);
 }
@@ -427,7 +384,7 @@ fn fast_forward_stays_close_to_f32_and_recomputed_layers_reproduce_it() {
 #[test]
 fn fused_thin_products_give_the_unfused_gradients_with_fewer_nodes() {
     let c = lora_case(&Cfg::llama(GgmlType::Q8_0, 2), LoraConfig::default());
-    let g = &c.g;
+    let g = &c.graph;
     let fused = plan::fuse_thin_products(g);
     let count = |g: &Graph, name: &str| g.nodes.iter().filter(|n| n.op.name() == name).count();
     // Every LoRA A's input gradient joins the frozen one: one fused node
@@ -437,8 +394,8 @@ fn fused_thin_products_give_the_unfused_gradients_with_fewer_nodes() {
     assert_eq!(n, 11);
     assert_eq!(count(&fused, "matmul_nn") + n, count(g, "matmul_nn"));
     assert_eq!(count(&fused, "add") + n, count(g, "add"));
-    let (l0, g0) = c.grads(g, false);
-    let (l1, g1) = c.grads(&fused, false);
+    let (l0, g0) = grads(&c, g, false);
+    let (l1, g1) = grads(&c, &fused, false);
     assert_eq!(l0, l1);
     for (a, b) in g0.iter().flatten().zip(g1.iter().flatten()) {
         assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
