@@ -333,8 +333,8 @@ impl DecoderSpec {
         Ok(spec)
     }
 
-    /// Every weight the decoder reads: embeddings, output norm and matrix,
-    /// then each block's.
+    /// Every weight the decoder reads, once each (a tied output matrix is
+    /// the embeddings): embeddings, output norm and matrix, then each block's.
     pub fn weights(&self) -> Vec<&Weight> {
         let mut all = vec![&self.token_embd, &self.output_norm, &self.output];
         for l in &self.layers {
@@ -355,6 +355,8 @@ impl DecoderSpec {
                     .flatten(),
             );
         }
+        let mut seen = std::collections::HashSet::new();
+        all.retain(|w| seen.insert(w.name.as_str()));
         all
     }
 
@@ -366,12 +368,7 @@ impl DecoderSpec {
     /// Number of parameters in the file's tensors that the decoder uses
     /// (a tied output matrix counted once).
     pub fn n_params(&self) -> usize {
-        let mut seen = std::collections::HashSet::new();
-        self.weights()
-            .into_iter()
-            .filter(|w| seen.insert(w.name.as_str()))
-            .map(Weight::numel)
-            .sum()
+        self.weights().into_iter().map(Weight::numel).sum()
     }
 
     fn validate(&self, file: &GgufFile) -> Result<()> {

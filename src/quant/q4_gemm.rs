@@ -56,11 +56,6 @@ impl PackedQ4 {
         matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1)
     }
 
-    /// Output rows.
-    pub fn rows(&self) -> usize {
-        self.rows
-    }
-
     /// Bytes this holds for a `rows × cols` matrix (scratch planning).
     pub fn bytes(rows: usize, cols: usize) -> usize {
         let (groups, nb) = (rows.div_ceil(GROUP), cols / QK);
@@ -235,7 +230,8 @@ fn run_tokens_avx2(w: &PackedQ4, x: &Q8Rows, t0: usize, nt: usize, yc: &mut [f32
     run_tokens::<Avx2Kernel>(w, x, t0, nt, yc)
 }
 
-/// One group of 8 rows against 4 tokens (`xs`, token indices of `x`).
+/// One group of 8 rows against [`TILE`] tokens (`xs`, token indices of
+/// `x`; a partial tile repeats its last token).
 trait Kernel {
     fn tile(q: &[u8], sc: &[f32], x: &Q8Rows, xs: [usize; TILE], out: &mut [[f32; GROUP]; TILE]);
 }

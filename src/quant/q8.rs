@@ -119,12 +119,15 @@ fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, f32) {
 }
 
 #[inline(always)]
-fn quantize_generic<I: Isa>(_isa: I, a: &mut QuantizedActivation) {
+fn quantize_generic<I: Isa>(isa: I, a: &mut QuantizedActivation) {
     let full = a.len / QK;
-    for b in 0..full {
-        let x: &[f32; QK] = a.x[QK * b..QK * b + QK].try_into().expect("32 values");
-        (a.d[b], a.s[b]) = quantize_block(x, &mut a.qs[b]);
-    }
+    blocks_generic(
+        isa,
+        &a.x[..QK * full],
+        a.qs[..full].as_flattened_mut(),
+        &mut a.d[..full],
+        &mut a.s[..full],
+    );
     if full < a.qs.len() {
         let mut x = [0f32; QK];
         x[..a.len - QK * full].copy_from_slice(&a.x[QK * full..]);

@@ -64,10 +64,8 @@ pub struct PlannedStep {
 
 /// Bytes of every tensor the decoder reads (a tied output matrix once).
 pub fn weight_bytes(spec: &DecoderSpec) -> u64 {
-    let mut names = BTreeSet::new();
     spec.weights()
         .into_iter()
-        .filter(|w| names.insert(w.name.as_str()))
         .map(|w| (w.row_bytes() * w.rows) as u64)
         .sum()
 }
