@@ -25,12 +25,14 @@
 
 #[cfg(target_arch = "x86_64")]
 use super::Avx2Kernel;
-use super::{GROUP, GROUP_BLOCK, Kernel, PackedQ4, Portable, Q8Rows, TASKS_PER_THREAD, TILE};
+use super::{GROUP, GROUP_BLOCK, Kernel, PackedQ4, Portable, Q8Rows, TASKS_PER_THREAD};
 use crate::quant::GgmlType;
 use crate::quant::blocks::QK;
 use crate::quant::simd::{Level, level};
 use rayon::prelude::*;
 
+/// Tokens per register tile (fewer than the forward's 6: more would spill).
+const TILE: usize = 4;
 /// Column blocks (4 groups each) whose weights a task keeps hot while it
 /// runs its tokens.
 const BLOCKS_PER_PASS: usize = 4;
@@ -272,7 +274,7 @@ fn run_tokens<K: BackKernel>(w: &PackedQ4T, dy: &[f32], dx: &mut [f32]) {
                 }
                 for g in b * groups_per_block..(b + 1) * groups_per_block {
                     let q = &w.quants[g * rb * GROUP_BLOCK..(g + 1) * rb * GROUP_BLOCK];
-                    K::tile::<false>(q, &[], &x, xs, &mut out);
+                    K::tile::<false, TILE>(q, &[], &x, xs, &mut out);
                     for (i, (o, c)) in out.iter().zip(off).enumerate().take(n) {
                         let dst = &mut dx[(tt + i) * cols + g * GROUP..][..GROUP];
                         for (d, v) in dst.iter_mut().zip(o) {

@@ -28,7 +28,8 @@ pub use back::{PackedQ4T, gemm_back};
 const GROUP: usize = 8;
 /// Packed quant bytes per group and block: 8 rows × 32 nibbles.
 const GROUP_BLOCK: usize = GROUP * QK / 2;
-/// Tokens per register tile.
+/// Tokens per register tile of the forward product (the backward one's,
+/// with more live values, is `back::TILE`).
 const TILE: usize = 6;
 /// Groups whose weights a task keeps hot while it runs its tokens.
 const GROUPS_PER_PASS: usize = 16;
@@ -215,7 +216,7 @@ fn run_tokens<K: Kernel>(w: &PackedQ4, x: &Q8Rows, t0: usize, nt: usize, yc: &mu
             for g in g0..groups.min(g0 + GROUPS_PER_PASS) {
                 let q = &w.quants[g * nb * GROUP_BLOCK..(g + 1) * nb * GROUP_BLOCK];
                 let sc = &w.scales[g * nb * 2 * GROUP..(g + 1) * nb * 2 * GROUP];
-                K::tile::<true>(q, sc, x, xs, &mut out);
+                K::tile::<true, TILE>(q, sc, x, xs, &mut out);
                 let r0 = g * GROUP;
                 let nr = GROUP.min(w.rows - r0);
                 for (i, o) in out.iter().enumerate().take(n) {
@@ -233,18 +234,18 @@ fn run_tokens_avx2(w: &PackedQ4, x: &Q8Rows, t0: usize, nt: usize, yc: &mut [f32
     run_tokens::<Avx2Kernel>(w, x, t0, nt, yc)
 }
 
-/// One group of 8 rows against [`TILE`] tokens (`xs`, token indices of
+/// One group of 8 rows against `N` tokens (`xs`, token indices of
 /// `x`; a partial tile repeats its last token). With `AFFINE` each block adds
 /// `(Σ q·a)·(d·da) + m·s` (the rows' `d`, `m` from `sc`); without it,
 /// `(Σ q·a)·da` (`sc` unused: the backward product puts the weight scales in
 /// the activations).
 trait Kernel {
-    fn tile<const AFFINE: bool>(
+    fn tile<const AFFINE: bool, const N: usize>(
         q: &[u8],
         sc: &[f32],
         x: &Q8Rows,
-        xs: [usize; TILE],
-        out: &mut [[f32; GROUP]; TILE],
+        xs: [usize; N],
+        out: &mut [[f32; GROUP]; N],
     );
 }
 
@@ -252,15 +253,15 @@ struct Portable;
 
 impl Kernel for Portable {
     #[inline(always)]
-    fn tile<const AFFINE: bool>(
+    fn tile<const AFFINE: bool, const N: usize>(
         q: &[u8],
         sc: &[f32],
         x: &Q8Rows,
-        xs: [usize; TILE],
-        out: &mut [[f32; GROUP]; TILE],
+        xs: [usize; N],
+        out: &mut [[f32; GROUP]; N],
     ) {
         let nb = x.cols / QK;
-        *out = [[0.0; GROUP]; TILE];
+        *out = [[0.0; GROUP]; N];
         for b in 0..nb {
             let qb = &q[b * GROUP_BLOCK..(b + 1) * GROUP_BLOCK];
             for (o, &t) in out.iter_mut().zip(&xs) {
@@ -294,12 +295,12 @@ struct Avx2Kernel;
 #[cfg(target_arch = "x86_64")]
 impl Kernel for Avx2Kernel {
     #[inline(always)]
-    fn tile<const AFFINE: bool>(
+    fn tile<const AFFINE: bool, const N: usize>(
         q: &[u8],
         sc: &[f32],
         x: &Q8Rows,
-        xs: [usize; TILE],
-        out: &mut [[f32; GROUP]; TILE],
+        xs: [usize; N],
+        out: &mut [[f32; GROUP]; N],
     ) {
         use std::arch::x86_64::*;
         let nb = x.cols / QK;
@@ -312,7 +313,7 @@ impl Kernel for Avx2Kernel {
         unsafe {
             let low = _mm256_set1_epi8(15);
             let ones = _mm256_set1_epi16(1);
-            let mut acc = [_mm256_setzero_ps(); TILE];
+            let mut acc = [_mm256_setzero_ps(); N];
             for b in 0..nb {
                 let qp = q.as_ptr().add(b * GROUP_BLOCK);
                 let mut lo = [_mm256_setzero_si256(); 4];
