@@ -1,15 +1,15 @@
-//! The frozen-weight products of one training step, per Q4_1 matrix shape
-//! of SmolLM2-135M, for 1024 tokens (the benchmark's 4 × 256) on one thread: the forward `x·Wᵀ` and
-//! the backward `dy·W`, in f32 (rows decoded, then the `gemm` crate: the
-//! exact path) and in 8-bit integers (`--fast`: `q4_gemm::gemm` and
-//! `gemm_back`, repacking and rounding included).
+//! The frozen-weight forward products of one training step, `x·Wᵀ`, per
+//! Q4_1 matrix shape of SmolLM2-135M, for 1024 tokens (the benchmark's
+//! 4 × 256) on one thread: in f32 (rows decoded, then the `gemm` crate: the
+//! exact path) and in 8-bit integers (`--fast`: `q4_gemm::gemm`, repacking
+//! and rounding included).
 //!
 //! Needs `harness = false`: `cargo bench --bench train_products`. Prints
 //! milliseconds per product (the best of repeated runs), multiply-adds per
 //! second, and the integer path's speed-up.
 
 use edgetune::backend::cpu::gemm::{Operand, matmul_into};
-use edgetune::quant::q4_gemm::{PackedQ4, PackedQ4T, Q8Rows, gemm, gemm_back};
+use edgetune::quant::q4_gemm::{PackedQ4, Q8Rows, gemm};
 use edgetune::quant::{GgmlType, cpu_features, dequantize_row, quantize_row};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -54,8 +54,8 @@ fn main() {
         cpu_features()
     );
     println!(
-        "{:<16} {:<9} | {:>9} {:>7} | {:>9} {:>7} | {:>6}",
-        "rows × cols", "product", "f32 ms", "GMAC/s", "int8 ms", "GMAC/s", "ratio"
+        "{:<16} | {:>9} {:>7} | {:>9} {:>7} | {:>6}",
+        "rows × cols", "f32 ms", "GMAC/s", "int8 ms", "GMAC/s", "ratio"
     );
     let ty = GgmlType::Q4_1;
     // q and o, k and v, gate and up (576 × 1536 stored as 1536 rows), down.
@@ -69,7 +69,6 @@ fn main() {
             quantize_row(ty, src, dst).unwrap();
         }
         let x = data(TOKENS * cols, 0x1234_5678);
-        let dy = data(TOKENS * rows, 0x8765_4321);
         let mut wf = vec![0f32; rows * cols];
         let decode = |wf: &mut [f32]| {
             for (src, dst) in m.chunks_exact(rb).zip(wf.chunks_exact_mut(cols)) {
@@ -78,8 +77,7 @@ fn main() {
         };
         let macs = (TOKENS * rows * cols) as f64;
         let mut y = vec![0f32; TOKENS * rows];
-        let mut dx = vec![0f32; TOKENS * cols];
-        let (mut pw, mut xq, mut pt) = (PackedQ4::new(), Q8Rows::new(), PackedQ4T::new());
+        let (mut pw, mut xq) = (PackedQ4::new(), Q8Rows::new());
         let f32_fwd = pool.install(|| {
             time(budget, || {
                 decode(&mut wf);
@@ -96,35 +94,14 @@ fn main() {
                 black_box(&mut y);
             })
         });
-        let f32_back = pool.install(|| {
-            time(budget, || {
-                decode(&mut wf);
-                let (a, b) = (Operand::new(&dy, rows), Operand::new(&wf, cols));
-                matmul_into(TOKENS, cols, rows, a, b, &mut dx, cols, false, 1);
-                black_box(&mut dx);
-            })
-        });
-        let int_back = pool.install(|| {
-            time(budget, || {
-                pt.pack(ty, rows, cols, &m);
-                gemm_back(&pt, black_box(&dy), &mut dx);
-                black_box(&mut dx);
-            })
-        });
-        for (name, f, i) in [
-            ("forward", f32_fwd, int_fwd),
-            ("backward", f32_back, int_back),
-        ] {
-            println!(
-                "{:<16} {:<9} | {:>9.3} {:>7.1} | {:>9.3} {:>7.1} | {:>5.2}×",
-                format!("{rows} × {cols}"),
-                name,
-                f * 1e3,
-                macs / f / 1e9,
-                i * 1e3,
-                macs / i / 1e9,
-                f / i
-            );
-        }
+        println!(
+            "{:<16} | {:>9.3} {:>7.1} | {:>9.3} {:>7.1} | {:>5.2}×",
+            format!("{rows} × {cols}"),
+            f32_fwd * 1e3,
+            macs / f32_fwd / 1e9,
+            int_fwd * 1e3,
+            macs / int_fwd / 1e9,
+            f32_fwd / int_fwd
+        );
     }
 }

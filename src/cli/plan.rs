@@ -223,12 +223,10 @@ pub struct StepArgs {
     /// CPU worker threads (default: one per core).
     #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     pub threads: usize,
-    /// CPU: compute the frozen products of Q4_0/Q4_1 weights in 8-bit
-    /// integer arithmetic: forward, inputs rounded to 8 bits per block of 32
-    /// as llama.cpp's inference does; backward (dY·W), the output gradient
-    /// times each block's scale, per 32 rows. The quants stay exact (about
-    /// 1.2–1.7× faster products; the adapter's products, the loss head and
-    /// held-out losses stay f32).
+    /// CPU: compute the frozen forward products of Q4_0/Q4_1 weights in
+    /// 8-bit integer arithmetic, inputs rounded to 8 bits per block of 32 as
+    /// llama.cpp's inference does (about 1.6× faster products; gradients,
+    /// the adapter's products and held-out losses stay f32).
     #[arg(long)]
     pub fast: bool,
 }

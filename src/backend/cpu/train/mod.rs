@@ -18,7 +18,7 @@ use super::matmul::QMatrix;
 use crate::Result;
 use crate::graph::{Graph, MemoryPlan, Op, StepInputs, TensorId, TensorKind};
 use crate::model::{Model, Rope};
-use crate::quant::q4_gemm::{self, PackedQ4, PackedQ4T, Q8Rows};
+use crate::quant::q4_gemm::{self, PackedQ4, Q8Rows};
 use attention::{AttnSaved, Rows};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -60,20 +60,19 @@ pub struct CpuStep<'m> {
     loss_chunk: usize,
     threads: usize,
     pool: Arc<rayon::ThreadPool>,
-    int8: Option<Int8Products>,
+    int8: Option<Int8Forward>,
     /// A thin parameter transposed, for [`ops::add_thin_product`].
     thin: Vec<f32>,
     /// Per-op timings, when enabled.
     pub profile: Option<StepProfile>,
 }
 
-/// Scratch of the 8-bit products ([`CpuStep::set_fast`]): the weight being
-/// multiplied, repacked (forward) or repacked transposed (backward), and the
-/// last input quantized (q, k and v, or gate and up, read the same input).
+/// Scratch of the 8-bit forward products ([`CpuStep::set_fast`]): the
+/// weight being multiplied, repacked, and the last input quantized (q, k
+/// and v, or gate and up, read the same input).
 #[derive(Default)]
-struct Int8Products {
+struct Int8Forward {
     w: PackedQ4,
-    wt: PackedQ4T,
     x: Q8Rows,
     x_of: Option<TensorId>,
 }
@@ -107,33 +106,24 @@ fn scratch_lens(g: &Graph, n_vocab: usize) -> [usize; 3] {
 }
 
 /// Bytes of the scratch a [`CpuStep`] allocates besides its arena (see
-/// `scratch_lens`), and with `fast` that of the 8-bit products: the largest
-/// 4-bit weight repacked, forward and transposed, the widest input quantized
-/// and the backward product's own scratch.
+/// `scratch_lens`), and with `fast` that of the 8-bit forward products: the
+/// largest 4-bit weight repacked and the widest input quantized.
 pub fn workspace_bytes(g: &Graph, n_vocab: usize, fast: bool) -> u64 {
     let f32s = 4 * scratch_lens(g, n_vocab).iter().sum::<usize>() as u64;
     if !fast {
         return f32s;
     }
-    let (mut w, mut x, mut wt) = (0, 0, 0);
+    let (mut w, mut x) = (0, 0);
     for n in &g.nodes {
-        match n.op {
-            Op::Linear { w: id } if PackedQ4::supports(g.frozen[id].ty) => {
-                let m = &g.frozen[id];
+        if let Op::Linear { w: id } = n.op {
+            let m = &g.frozen[id];
+            if PackedQ4::supports(m.ty) {
                 w = w.max(PackedQ4::bytes(m.rows, m.cols));
                 x = x.max(Q8Rows::bytes(g.n_tokens(), m.cols));
             }
-            Op::LinearBackX { w: id } if PackedQ4::supports(g.frozen[id].ty) => {
-                let m = &g.frozen[id];
-                wt = wt.max(
-                    PackedQ4T::bytes(m.rows, m.cols)
-                        + PackedQ4T::scratch_bytes(g.n_tokens(), m.rows),
-                );
-            }
-            _ => {}
         }
     }
-    f32s + (w + x + wt) as u64
+    f32s + (w + x) as u64
 }
 
 impl<'m> CpuStep<'m> {
@@ -179,15 +169,13 @@ impl<'m> CpuStep<'m> {
         })
     }
 
-    /// Compute the frozen products of Q4_0/Q4_1 weights in 8-bit integer
-    /// arithmetic ([`q4_gemm`]): forward, inputs are rounded to 8 bits per
-    /// block of 32, as llama.cpp's inference does; backward (`dY·W`), the
-    /// output gradient times each block's scale is, per 32 rows. The weights'
-    /// quants stay exact. LoRA products, the loss head and other weight types
-    /// stay f32. Recomputed layers use the same products, so they reproduce
-    /// the stored activations exactly.
+    /// Compute the frozen forward products of Q4_0/Q4_1 weights in 8-bit
+    /// integer arithmetic ([`q4_gemm`]): inputs are rounded to 8 bits per
+    /// block of 32, as llama.cpp's inference does. Gradients, LoRA products
+    /// and other weight types stay f32. Recomputed layers use the same
+    /// products, so they reproduce the stored activations exactly.
     pub fn set_fast(&mut self, on: bool) {
-        self.int8 = on.then(Int8Products::default);
+        self.int8 = on.then(Int8Forward::default);
     }
 
     /// The graph being run.
@@ -305,14 +293,6 @@ impl<'m> CpuStep<'m> {
                     let n = x.len() / m.cols;
                     let (a, b) = (Operand::new(x, m.cols), Operand::new(wf, m.cols).t());
                     matmul_into(n, m.rows, m.cols, a, b, write(o[0]), m.rows, false, threads);
-                }
-                Op::LinearBackX { w }
-                    if self.int8.is_some() && PackedQ4::supports(g.frozen[*w].ty) =>
-                {
-                    let m = self.matrices[*w].as_ref().unwrap();
-                    let q = self.int8.as_mut().unwrap();
-                    q.wt.pack(m.ty, m.rows, m.cols, m.data);
-                    q4_gemm::gemm_back(&q.wt, read(i[0]), write(o[0]));
                 }
                 Op::LinearBackX { w } => {
                     let m = self.matrices[*w].as_ref().unwrap();

@@ -21,15 +21,11 @@ use super::q8;
 use super::simd::{Level, f16_to_f32, level};
 use rayon::prelude::*;
 
-mod back;
-pub use back::{PackedQ4T, gemm_back};
-
 /// Rows per packed group (one 256-bit register of 8 × 4 bytes).
 const GROUP: usize = 8;
 /// Packed quant bytes per group and block: 8 rows × 32 nibbles.
 const GROUP_BLOCK: usize = GROUP * QK / 2;
-/// Tokens per register tile of the forward product (the backward one's,
-/// with more live values, is `back::TILE`).
+/// Tokens per register tile.
 const TILE: usize = 6;
 /// Groups whose weights a task keeps hot while it runs its tokens.
 const GROUPS_PER_PASS: usize = 16;
@@ -216,7 +212,7 @@ fn run_tokens<K: Kernel>(w: &PackedQ4, x: &Q8Rows, t0: usize, nt: usize, yc: &mu
             for g in g0..groups.min(g0 + GROUPS_PER_PASS) {
                 let q = &w.quants[g * nb * GROUP_BLOCK..(g + 1) * nb * GROUP_BLOCK];
                 let sc = &w.scales[g * nb * 2 * GROUP..(g + 1) * nb * 2 * GROUP];
-                K::tile::<true, TILE>(q, sc, x, xs, &mut out);
+                K::tile(q, sc, x, xs, &mut out);
                 let r0 = g * GROUP;
                 let nr = GROUP.min(w.rows - r0);
                 for (i, o) in out.iter().enumerate().take(n) {
@@ -234,39 +230,25 @@ fn run_tokens_avx2(w: &PackedQ4, x: &Q8Rows, t0: usize, nt: usize, yc: &mut [f32
     run_tokens::<Avx2Kernel>(w, x, t0, nt, yc)
 }
 
-/// One group of 8 rows against `N` tokens (`xs`, token indices of
-/// `x`; a partial tile repeats its last token). With `AFFINE` each block adds
-/// `(Σ q·a)·(d·da) + m·s` (the rows' `d`, `m` from `sc`); without it,
-/// `(Σ q·a)·da` (`sc` unused: the backward product puts the weight scales in
-/// the activations).
+/// One group of 8 rows against [`TILE`] tokens (`xs`, token indices of
+/// `x`; a partial tile repeats its last token).
 trait Kernel {
-    fn tile<const AFFINE: bool, const N: usize>(
-        q: &[u8],
-        sc: &[f32],
-        x: &Q8Rows,
-        xs: [usize; N],
-        out: &mut [[f32; GROUP]; N],
-    );
+    fn tile(q: &[u8], sc: &[f32], x: &Q8Rows, xs: [usize; TILE], out: &mut [[f32; GROUP]; TILE]);
 }
 
 struct Portable;
 
 impl Kernel for Portable {
     #[inline(always)]
-    fn tile<const AFFINE: bool, const N: usize>(
-        q: &[u8],
-        sc: &[f32],
-        x: &Q8Rows,
-        xs: [usize; N],
-        out: &mut [[f32; GROUP]; N],
-    ) {
+    fn tile(q: &[u8], sc: &[f32], x: &Q8Rows, xs: [usize; TILE], out: &mut [[f32; GROUP]; TILE]) {
         let nb = x.cols / QK;
-        *out = [[0.0; GROUP]; N];
+        *out = [[0.0; GROUP]; TILE];
         for b in 0..nb {
             let qb = &q[b * GROUP_BLOCK..(b + 1) * GROUP_BLOCK];
+            let (d, m) = sc[b * 2 * GROUP..(b + 1) * 2 * GROUP].split_at(GROUP);
             for (o, &t) in out.iter_mut().zip(&xs) {
                 let a = &x.qs[(t * nb + b) * QK..(t * nb + b + 1) * QK];
-                let da = x.d[t * nb + b];
+                let (da, sa) = (x.d[t * nb + b], x.s[t * nb + b]);
                 for r in 0..GROUP {
                     let mut sum = 0i32;
                     for j in 0..4 {
@@ -276,13 +258,8 @@ impl Kernel for Portable {
                             sum += (byte >> 4) as i32 * a[16 + 4 * j + i] as i32;
                         }
                     }
-                    if AFFINE {
-                        let (d, m) = (sc[b * 2 * GROUP + r], sc[b * 2 * GROUP + GROUP + r]);
-                        o[r] = (sum as f32).mul_add(d * da, o[r]);
-                        o[r] = m.mul_add(x.s[t * nb + b], o[r]);
-                    } else {
-                        o[r] = (sum as f32).mul_add(da, o[r]);
-                    }
+                    o[r] = (sum as f32).mul_add(d[r] * da, o[r]);
+                    o[r] = m[r].mul_add(sa, o[r]);
                 }
             }
         }
@@ -295,16 +272,10 @@ struct Avx2Kernel;
 #[cfg(target_arch = "x86_64")]
 impl Kernel for Avx2Kernel {
     #[inline(always)]
-    fn tile<const AFFINE: bool, const N: usize>(
-        q: &[u8],
-        sc: &[f32],
-        x: &Q8Rows,
-        xs: [usize; N],
-        out: &mut [[f32; GROUP]; N],
-    ) {
+    fn tile(q: &[u8], sc: &[f32], x: &Q8Rows, xs: [usize; TILE], out: &mut [[f32; GROUP]; TILE]) {
         use std::arch::x86_64::*;
         let nb = x.cols / QK;
-        assert!(q.len() >= nb * GROUP_BLOCK && (!AFFINE || sc.len() >= nb * 2 * GROUP));
+        assert!(q.len() >= nb * GROUP_BLOCK && sc.len() >= nb * 2 * GROUP);
         for &t in &xs {
             assert!((t + 1) * nb * QK <= x.qs.len() && (t + 1) * nb <= x.d.len());
         }
@@ -313,7 +284,7 @@ impl Kernel for Avx2Kernel {
         unsafe {
             let low = _mm256_set1_epi8(15);
             let ones = _mm256_set1_epi16(1);
-            let mut acc = [_mm256_setzero_ps(); N];
+            let mut acc = [_mm256_setzero_ps(); TILE];
             for b in 0..nb {
                 let qp = q.as_ptr().add(b * GROUP_BLOCK);
                 let mut lo = [_mm256_setzero_si256(); 4];
@@ -323,12 +294,8 @@ impl Kernel for Avx2Kernel {
                     lo[j] = _mm256_and_si256(v, low);
                     hi[j] = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
                 }
-                let (d, m) = if AFFINE {
-                    let p = sc.as_ptr().add(b * 2 * GROUP);
-                    (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(GROUP)))
-                } else {
-                    (_mm256_setzero_ps(), _mm256_setzero_ps())
-                };
+                let d = _mm256_loadu_ps(sc.as_ptr().add(b * 2 * GROUP));
+                let m = _mm256_loadu_ps(sc.as_ptr().add(b * 2 * GROUP + GROUP));
                 for (acc, &t) in acc.iter_mut().zip(&xs) {
                     let ap = x.qs.as_ptr().add((t * nb + b) * QK);
                     // 4 activation bytes from offset `o`, in every row's lane.
@@ -345,13 +312,9 @@ impl Kernel for Avx2Kernel {
                     }
                     let sum = _mm256_cvtepi32_ps(_mm256_madd_epi16(s16, ones));
                     let da = _mm256_set1_ps(*x.d.get_unchecked(t * nb + b));
-                    if AFFINE {
-                        let sa = _mm256_set1_ps(*x.s.get_unchecked(t * nb + b));
-                        *acc = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, da), *acc);
-                        *acc = _mm256_fmadd_ps(m, sa, *acc);
-                    } else {
-                        *acc = _mm256_fmadd_ps(sum, da, *acc);
-                    }
+                    let sa = _mm256_set1_ps(*x.s.get_unchecked(t * nb + b));
+                    *acc = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, da), *acc);
+                    *acc = _mm256_fmadd_ps(m, sa, *acc);
                 }
             }
             for (o, a) in out.iter_mut().zip(&acc) {
@@ -362,4 +325,125 @@ impl Kernel for Avx2Kernel {
 }
 
 #[cfg(test)]
-mod tests;
+mod tests {
+    use super::*;
+    use crate::quant::{dequantize_row, quantize_row};
+
+    fn rng(seed: &mut u64) -> f32 {
+        *seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((*seed >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+    }
+
+    /// Rows of `ty` quantized from random values, and their exact decode.
+    fn matrix(ty: GgmlType, rows: usize, cols: usize, seed: &mut u64) -> (Vec<u8>, Vec<f32>) {
+        let rb = ty.row_bytes(cols).unwrap();
+        let mut data = vec![0u8; rows * rb];
+        let mut dec = vec![0f32; rows * cols];
+        for r in 0..rows {
+            let v: Vec<f32> = (0..cols)
+                .map(|_| rng(seed) * (1.0 + r as f32 * 0.1))
+                .collect();
+            quantize_row(ty, &v, &mut data[r * rb..(r + 1) * rb]).unwrap();
+            dequantize_row(
+                ty,
+                &data[r * rb..(r + 1) * rb],
+                &mut dec[r * cols..(r + 1) * cols],
+            )
+            .unwrap();
+        }
+        (data, dec)
+    }
+
+    #[test]
+    fn matches_the_f32_product_of_the_decoded_weights_and_every_level_agrees() {
+        let mut seed = 7;
+        // 13 rows: a padded group; 7 tokens: a partial tile; 96 columns: 3 blocks.
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1] {
+            let (rows, cols, n) = (13, 96, 7);
+            let (data, dec) = matrix(ty, rows, cols, &mut seed);
+            let x: Vec<f32> = (0..n * cols).map(|_| rng(&mut seed) * 4.0).collect();
+            let mut w = PackedQ4::new();
+            w.pack(ty, rows, cols, &data);
+            let mut xq = Q8Rows::new();
+            xq.quantize(&x, cols);
+            let mut outs = Vec::new();
+            for lv in super::super::simd::available_levels() {
+                let mut y = vec![f32::NAN; n * rows];
+                gemm_at(lv, &w, &xq, &mut y);
+                outs.push(y);
+            }
+            for y in &outs[1..] {
+                assert_eq!(y, &outs[0], "{ty:?}: the AVX2 kernel's bits differ");
+            }
+            let y = &outs[0];
+            // Exactly the product of the 8-bit activations and the weights.
+            for t in 0..n {
+                let xt: Vec<f32> = (0..cols)
+                    .map(|k| xq.qs[t * cols + k] as f32 * xq.d[t * cols / QK + k / QK])
+                    .collect();
+                for r in 0..rows {
+                    let wr = &dec[r * cols..(r + 1) * cols];
+                    let want: f64 = wr.iter().zip(&xt).map(|(a, b)| f64::from(a * b)).sum();
+                    let l1: f64 = wr
+                        .iter()
+                        .zip(&xt)
+                        .map(|(a, b)| f64::from((a * b).abs()))
+                        .sum();
+                    let got = f64::from(y[t * rows + r]);
+                    assert!(
+                        (got - want).abs() <= 1e-6 * l1,
+                        "{ty:?} t{t} r{r}: {got} vs {want}"
+                    );
+                }
+            }
+            for t in 0..n {
+                let xt = &x[t * cols..(t + 1) * cols];
+                let amax = xt.iter().fold(0f32, |m, v| m.max(v.abs()));
+                for r in 0..rows {
+                    let wr = &dec[r * cols..(r + 1) * cols];
+                    let exact: f32 = wr.iter().zip(xt).map(|(a, b)| a * b).sum();
+                    let l1: f32 = wr.iter().map(|v| v.abs()).sum();
+                    // Each activation moves at most half a step, amax/254.
+                    let bound = l1 * amax / 254.0 + 1e-4;
+                    let got = y[t * rows + r];
+                    assert!(
+                        (got - exact).abs() <= bound,
+                        "{ty:?} t{t} r{r}: {got} vs {exact}"
+                    );
+                }
+            }
+            // Same weights, same quants: a product that ignored the 8-bit
+            // rounding would not reproduce the integer sums this gives.
+            let mut y2 = vec![0f32; n * rows];
+            gemm(&w, &xq, &mut y2);
+            assert_eq!(&y2, y);
+        }
+    }
+
+    #[test]
+    fn packed_rows_give_each_rows_own_dot_product_through_the_q8_path() {
+        // The integer matrix-vector path of generation computes the same sums.
+        let mut seed = 11;
+        let (rows, cols) = (8, 64);
+        let (data, _) = matrix(GgmlType::Q4_1, rows, cols, &mut seed);
+        let x: Vec<f32> = (0..cols).map(|_| rng(&mut seed)).collect();
+        let mut w = PackedQ4::new();
+        w.pack(GgmlType::Q4_1, rows, cols, &data);
+        let mut xq = Q8Rows::new();
+        xq.quantize(&x, cols);
+        let mut y = vec![0f32; rows];
+        gemm(&w, &xq, &mut y);
+        let a = crate::quant::quantize_activation_q8(&x);
+        let rb = GgmlType::Q4_1.row_bytes(cols).unwrap();
+        for r in 0..rows {
+            let want = crate::quant::dot_row_q8(GgmlType::Q4_1, &data[r * rb..(r + 1) * rb], &a);
+            assert!(
+                (y[r] - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{} vs {want}",
+                y[r]
+            );
+        }
+    }
+}
