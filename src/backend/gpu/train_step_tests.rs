@@ -7,7 +7,7 @@
 //! Each prints its worst errors (`--nocapture`); skipped where no GPU opens.
 
 use super::GpuStep;
-use crate::backend::cpu::train::CpuStep;
+use crate::backend::cpu::train::{CpuStep, case_step};
 use crate::backend::gpu::train::GpuOptim;
 use crate::backend::gpu::{GpuContext, testing};
 use crate::graph::testing::{LoraCase, TinyBatch, inputs, lora_case, small_lora, tiny_batch};
@@ -17,16 +17,6 @@ use crate::quant::GgmlType;
 use crate::train::optim::{AdamWConfig, AdamWState, clip_scale, global_norm};
 use std::collections::BTreeSet;
 use std::sync::Arc;
-
-fn cpu_step(s: &LoraCase, scale: f32) -> ((f64, usize), Vec<Vec<f32>>) {
-    let plan = MemoryPlan::new(&s.graph);
-    let mut step = CpuStep::new(&s.model, s.graph.clone(), plan, 2).unwrap();
-    let loss = step.run(&inputs(&s.batch, scale), &s.params).unwrap();
-    let grads = (0..s.graph.params.len())
-        .map(|i| step.grad(i).to_vec())
-        .collect();
-    (loss, grads)
-}
 
 /// Runs `graph` on the GPU and checks it against the CPU's loss (relative
 /// 1e-4) and gradients (1e-3 of each tensor's largest |grad|). Returns the
@@ -77,7 +67,7 @@ fn check_model(ctx: &Arc<GpuContext>, cfg: &Cfg, dropout: f32, recompute: bool) 
     let s = lora_case(cfg, small_lora(dropout));
     let count = s.batch.targets.iter().filter(|&&t| t != u32::MAX).count();
     let scale = 1.0 / count as f32;
-    let want = cpu_step(&s, scale);
+    let want = case_step(&s, &s.graph, scale, false);
     let what = format!("{} {}", cfg.arch, cfg.ty);
     let (step, _, _) = check_gpu(ctx, &s, s.graph.clone(), scale, &want, &what);
     if recompute {

@@ -483,6 +483,30 @@ impl<'m> CpuStep<'m> {
     }
 }
 
+/// One step of `graph` (a [`LoraCase`]'s graph or a rewrite of it) over the
+/// case's model, batch and parameters at loss scale `scale`, with 8-bit
+/// forward products when `fast`: the (Σ NLL, count) and every parameter's
+/// gradient. The CPU step tests and the GPU's reference use it.
+///
+/// [`LoraCase`]: crate::graph::testing::LoraCase
+#[cfg(test)]
+pub(crate) fn case_step(
+    c: &crate::graph::testing::LoraCase,
+    graph: &Graph,
+    scale: f32,
+    fast: bool,
+) -> ((f64, usize), Vec<Vec<f32>>) {
+    let mut step = CpuStep::new(&c.model, graph.clone(), MemoryPlan::new(graph), 2).unwrap();
+    step.set_fast(fast);
+    let loss = step
+        .run(&crate::graph::testing::inputs(&c.batch, scale), &c.params)
+        .unwrap();
+    let grads = (0..graph.params.len())
+        .map(|i| step.grad(i).to_vec())
+        .collect();
+    (loss, grads)
+}
+
 fn zip2(a: &[f32], b: &[f32], y: &mut [f32], f: impl Fn(f32, f32) -> f32 + Sync) {
     y.par_chunks_mut(4096)
         .zip(a.par_chunks(4096).zip(b.par_chunks(4096)))

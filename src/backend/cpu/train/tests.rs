@@ -1,10 +1,10 @@
 //! Finite-difference checks of every backward rule, and of the LoRA
 //! gradients of whole tiny models.
 
-use super::CpuStep;
 use super::attention::{AttnSaved, Rows, attention_backward, attention_forward};
 use super::loss::loss_head;
 use super::ops::*;
+use super::{CpuStep, case_step};
 use crate::backend::cpu::matmul::QMatrix;
 use crate::graph::testing::{LoraCase, inputs, lora_case, small_lora};
 use crate::graph::{AttnGeom, DecoderGraph, Graph, MemoryPlan, StepInputs, autodiff, plan};
@@ -206,18 +206,6 @@ fn loss_head_gradient_matches_finite_differences() {
     });
 }
 
-/// The loss and parameter gradients of one step of `graph` (a case's graph
-/// or a rewrite of it), with 8-bit forward products when `fast`.
-fn grads(c: &LoraCase, graph: &Graph, fast: bool) -> (f64, Vec<Vec<f32>>) {
-    let mut step = CpuStep::new(&c.model, graph.clone(), MemoryPlan::new(graph), 2).unwrap();
-    step.set_fast(fast);
-    let (loss, _) = step.run(&inputs(&c.batch, 0.1), &c.params).unwrap();
-    let grads = (0..graph.params.len())
-        .map(|i| step.grad(i).to_vec())
-        .collect();
-    (loss, grads)
-}
-
 /// The whole model's LoRA gradients against finite differences of its loss.
 fn check_model(cfg: Cfg, dropout: f32) {
     let LoraCase {
@@ -352,8 +340,8 @@ fn attention_over_several_query_blocks_matches_finite_differences() {
 fn fast_forward_stays_close_to_f32_and_recomputed_layers_reproduce_it() {
     let c = lora_case(&Cfg::llama(GgmlType::Q4_1, 2), LoraConfig::default());
     let g = &c.graph;
-    let (exact, exact_grads) = grads(&c, g, false);
-    let (fast, fast_grads) = grads(&c, g, true);
+    let ((exact, _), exact_grads) = case_step(&c, g, 0.1, false);
+    let ((fast, _), fast_grads) = case_step(&c, g, 0.1, true);
     // The 8-bit products are taken (the loss moves) and stay close.
     assert_ne!(fast, exact);
     assert!(
@@ -376,7 +364,7 @@ fn fast_forward_stays_close_to_f32_and_recomputed_layers_reproduce_it() {
     }
     // Recomputed layers run the same products: the same bits.
     let all: BTreeSet<usize> = (0..c.model.spec().layers.len()).collect();
-    let (rfast, rgrads) = grads(&c, &plan::recompute_layers(g, &all), true);
+    let ((rfast, _), rgrads) = case_step(&c, &plan::recompute_layers(g, &all), 0.1, true);
     assert_eq!(rfast, fast);
     assert_eq!(rgrads, fast_grads);
 }
@@ -394,8 +382,8 @@ fn fused_thin_products_give_the_unfused_gradients_with_fewer_nodes() {
     assert_eq!(n, 11);
     assert_eq!(count(&fused, "matmul_nn") + n, count(g, "matmul_nn"));
     assert_eq!(count(&fused, "add") + n, count(g, "add"));
-    let (l0, g0) = grads(&c, g, false);
-    let (l1, g1) = grads(&c, &fused, false);
+    let ((l0, _), g0) = case_step(&c, g, 0.1, false);
+    let ((l1, _), g1) = case_step(&c, &fused, 0.1, false);
     assert_eq!(l0, l1);
     for (a, b) in g0.iter().flatten().zip(g1.iter().flatten()) {
         assert!((a - b).abs() <= 1e-5 * (1.0 + a.abs()), "{a} vs {b}");
