@@ -91,7 +91,7 @@ pub fn run(a: TrainBenchArgs) -> Result<(), Error> {
         o.seq,
         r.threads,
         if o.fast {
-            ", 8-bit forward products (--fast)"
+            ", 8-bit frozen-weight products (--fast)"
         } else {
             ""
         }

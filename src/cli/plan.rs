@@ -223,10 +223,12 @@ pub struct StepArgs {
     /// CPU worker threads (default: one per core).
     #[arg(long, value_name = "N", default_value_t = 0, hide_default_value = true)]
     pub threads: usize,
-    /// CPU: compute the frozen forward products of Q4_0/Q4_1 weights in
-    /// 8-bit integer arithmetic, inputs rounded to 8 bits per block of 32 as
-    /// llama.cpp's inference does (about 1.6× faster products; gradients,
-    /// the adapter's products and held-out losses stay f32).
+    /// CPU: compute the frozen weights' products in 8-bit integer
+    /// arithmetic: forward, Q4_0/Q4_1 weights against inputs rounded to 8
+    /// bits per block of 32 as llama.cpp's inference does; backward, dY
+    /// rounded likewise against Wᵀ rounded to 4 bits per block of 32
+    /// (1.3–1.6× faster products; the loss head, the adapter's products
+    /// and held-out losses stay f32).
     #[arg(long)]
     pub fast: bool,
 }

@@ -1,6 +1,7 @@
 //! Integer GEMM of 4-bit weights (Q4_0, Q4_1) with activations quantized to
 //! 8 bits: `y = x·Wᵀ` for many tokens at once, the frozen forward products of
-//! training with `--fast`.
+//! training with `--fast`, and (with `Wᵀ` rounded to 4 bits by
+//! [`PackedQ4::pack_transposed`]) its backward products `dY·W`.
 //!
 //! Weights are repacked in groups of 8 rows so that one 256-bit register holds
 //! 4 consecutive quants of each of the 8 rows: `vpmaddubsw` against 4
@@ -106,6 +107,138 @@ impl PackedQ4 {
                     }
                 }
             });
+    }
+}
+
+impl PackedQ4 {
+    /// Pack `Wᵀ` of a decoded `rows × cols` matrix `w` (row-major), rounded
+    /// to 4 bits as Q4_1 rounds: per output row `i` of `Wᵀ` and block of 32
+    /// of `w`'s rows, `d = (max − min)/15`, `m = min`, `q = round((v − m)/d)`.
+    /// The scales stay f32. `dY·W` is then [`gemm`] of this and `dY` (the
+    /// backward products of training with `--fast`); `rows` must be a
+    /// multiple of 32.
+    pub fn pack_transposed(&mut self, w: &[f32], rows: usize, cols: usize) {
+        self.pack_transposed_at(level(), w, rows, cols)
+    }
+
+    fn pack_transposed_at(&mut self, lv: Level, w: &[f32], rows: usize, cols: usize) {
+        assert!(
+            rows.is_multiple_of(QK) && w.len() == rows * cols,
+            "PackedQ4::pack_transposed: {rows} × {cols}"
+        );
+        let (groups, nb) = (cols.div_ceil(GROUP), rows / QK);
+        self.rows = cols;
+        self.cols = rows;
+        self.quants.resize(groups * nb * GROUP_BLOCK, 0);
+        self.scales.resize(groups * nb * 2 * GROUP, 0.0);
+        self.quants
+            .par_chunks_mut(nb * GROUP_BLOCK)
+            .zip(self.scales.par_chunks_mut(nb * 2 * GROUP))
+            .enumerate()
+            .for_each(|(g, (qg, sg))| {
+                for b in 0..nb {
+                    let qb = &mut qg[b * GROUP_BLOCK..(b + 1) * GROUP_BLOCK];
+                    let sb = &mut sg[b * 2 * GROUP..(b + 1) * 2 * GROUP];
+                    match lv {
+                        Level::Portable => round_block_t(w, cols, g * GROUP, b, qb, sb),
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: the token proves AVX2 and FMA.
+                        Level::Avx2(_) => unsafe {
+                            round_block_t_avx2(w, cols, g * GROUP, b, qb, sb)
+                        },
+                    }
+                }
+            });
+    }
+}
+
+/// One packed block of `Wᵀ` (see [`PackedQ4::pack_transposed`]): rows
+/// `c0..c0 + 8` of `Wᵀ` (columns of `w`, zero past `cols`), values from
+/// `32b` on, rounded as Q4_1 rounds, into `q` (the packed layout) and `sc`
+/// (scales, then offsets). The portable path, and the AVX2 one's for a
+/// partial group.
+#[inline(always)]
+fn round_block_t(w: &[f32], cols: usize, c0: usize, b: usize, q: &mut [u8], sc: &mut [f32]) {
+    let nc = GROUP.min(cols - c0);
+    // v[k][r]: value `k` of the block, row `c0 + r` of Wᵀ.
+    let mut v = [[0f32; GROUP]; QK];
+    for (k, v) in v.iter_mut().enumerate() {
+        v[..nc].copy_from_slice(&w[(b * QK + k) * cols + c0..][..nc]);
+    }
+    let (mut lo, mut hi) = (v[0], v[0]);
+    for v in &v[1..] {
+        for r in 0..GROUP {
+            lo[r] = lo[r].min(v[r]);
+            hi[r] = hi[r].max(v[r]);
+        }
+    }
+    let mut id = [0f32; GROUP];
+    for r in 0..GROUP {
+        let d = (hi[r] - lo[r]) / 15.0;
+        id[r] = if d > 0.0 { 1.0 / d } else { 0.0 };
+        sc[r] = d;
+        sc[GROUP + r] = lo[r];
+    }
+    // Non-negative, so `+ 0.5` then truncation rounds half up.
+    let quant = |k: usize| -> [u32; GROUP] {
+        std::array::from_fn(|r| (((v[k][r] - lo[r]) * id[r] + 0.5) as u32).min(15))
+    };
+    for j in 0..4 {
+        let mut word = [0u32; GROUP];
+        for i in 0..4 {
+            let (l, h) = (quant(4 * j + i), quant(16 + 4 * j + i));
+            for r in 0..GROUP {
+                word[r] |= (l[r] | (h[r] << 4)) << (8 * i);
+            }
+        }
+        for (r, w) in word.iter().enumerate() {
+            q[j * 32 + r * 4..j * 32 + r * 4 + 4].copy_from_slice(&w.to_le_bytes());
+        }
+    }
+}
+
+/// [`round_block_t`] in AVX2, for whole groups of 8 rows (the same bits).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn round_block_t_avx2(w: &[f32], cols: usize, c0: usize, b: usize, q: &mut [u8], sc: &mut [f32]) {
+    use std::arch::x86_64::*;
+    if c0 + GROUP > cols {
+        return round_block_t(w, cols, c0, b, q, sc);
+    }
+    assert!((b * QK + QK - 1) * cols + c0 + GROUP <= w.len());
+    assert!(q.len() >= GROUP_BLOCK && sc.len() >= 2 * GROUP);
+    // SAFETY: AVX2 and FMA are enabled on this function; every load and
+    // store is within the slices checked above.
+    unsafe {
+        let p = w.as_ptr().add(b * QK * cols + c0);
+        let v: [__m256; QK] = std::array::from_fn(|k| _mm256_loadu_ps(p.add(k * cols)));
+        let (mut lo, mut hi) = (v[0], v[0]);
+        for v in &v[1..] {
+            lo = _mm256_min_ps(lo, *v);
+            hi = _mm256_max_ps(hi, *v);
+        }
+        let d = _mm256_div_ps(_mm256_sub_ps(hi, lo), _mm256_set1_ps(15.0));
+        let pos = _mm256_cmp_ps(d, _mm256_setzero_ps(), _CMP_GT_OQ);
+        let id = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0), d), pos);
+        _mm256_storeu_ps(sc.as_mut_ptr(), d);
+        _mm256_storeu_ps(sc.as_mut_ptr().add(GROUP), lo);
+        let (half, top) = (_mm256_set1_ps(0.5), _mm256_set1_epi32(15));
+        let quant = |k: usize| {
+            let x = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(v[k], lo), id), half);
+            _mm256_min_epi32(_mm256_cvttps_epi32(x), top)
+        };
+        for j in 0..4 {
+            let mut word = _mm256_setzero_si256();
+            for i in 0..4 {
+                let (l, h) = (quant(4 * j + i), quant(16 + 4 * j + i));
+                let byte = _mm256_or_si256(l, _mm256_slli_epi32(h, 4));
+                word = _mm256_or_si256(
+                    word,
+                    _mm256_sllv_epi32(byte, _mm256_set1_epi32(8 * i as i32)),
+                );
+            }
+            _mm256_storeu_si256(q.as_mut_ptr().add(j * 32).cast(), word);
+        }
     }
 }
 
@@ -419,6 +552,67 @@ mod tests {
             let mut y2 = vec![0f32; n * rows];
             gemm(&w, &xq, &mut y2);
             assert_eq!(&y2, y);
+        }
+    }
+
+    #[test]
+    fn transposed_packing_rounds_each_block_of_32_rows_to_4_bits_and_gives_dy_times_w() {
+        let mut seed = 5;
+        // 64 rows: 2 blocks of the contraction; 13 columns: a padded group.
+        let (rows, cols, n) = (64, 13, 7);
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| rng(&mut seed) * (1.0 + (i % cols) as f32))
+            .collect();
+        let dy: Vec<f32> = (0..n * rows).map(|_| rng(&mut seed) * 3.0).collect();
+        let mut dq = Q8Rows::new();
+        dq.quantize(&dy, rows);
+        // Wᵀ as the rounding rule gives it, written out here: per column `c`
+        // of `w` and block of 32 rows, 16 levels from the min to the max.
+        let mut wt = vec![0f32; cols * rows];
+        for c in 0..cols {
+            for b in 0..rows / QK {
+                let v: Vec<f32> = (0..QK).map(|k| w[(b * QK + k) * cols + c]).collect();
+                let lo = v.iter().copied().fold(f32::INFINITY, f32::min);
+                let hi = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                let d = (hi - lo) / 15.0;
+                for (k, &x) in v.iter().enumerate() {
+                    let q = ((x - lo) / d).round();
+                    assert!((0.0..=15.0).contains(&q));
+                    wt[c * rows + b * QK + k] = lo + d * q;
+                    // At most half a step from the value it rounds.
+                    assert!((wt[c * rows + b * QK + k] - x).abs() <= 0.5001 * d);
+                }
+            }
+        }
+        let mut outs = Vec::new();
+        for lv in super::super::simd::available_levels() {
+            let mut p = PackedQ4::new();
+            p.pack_transposed_at(lv, &w, rows, cols);
+            let mut dx = vec![f32::NAN; n * cols];
+            gemm_at(lv, &p, &dq, &mut dx);
+            outs.push(dx);
+        }
+        for dx in &outs[1..] {
+            assert_eq!(dx, &outs[0], "the AVX2 packing or kernel's bits differ");
+        }
+        for t in 0..n {
+            let a: Vec<f32> = (0..rows)
+                .map(|o| dq.qs[t * rows + o] as f32 * dq.d[(t * rows + o) / QK])
+                .collect();
+            for c in 0..cols {
+                let col = &wt[c * rows..(c + 1) * rows];
+                let want: f64 = col.iter().zip(&a).map(|(w, a)| f64::from(w * a)).sum();
+                let l1: f64 = col
+                    .iter()
+                    .zip(&a)
+                    .map(|(w, a)| f64::from((w * a).abs()))
+                    .sum();
+                let got = f64::from(outs[0][t * cols + c]);
+                assert!(
+                    (got - want).abs() <= 1e-5 * l1,
+                    "t{t} c{c}: {got} vs {want}"
+                );
+            }
         }
     }
 

@@ -64,7 +64,7 @@ pub struct TrainBenchOptions {
     pub lr: f32,
     /// The device running the steps.
     pub device: super::TrainDevice,
-    /// 8-bit forward products on the CPU ([`super::TrainConfig::fast`]).
+    /// 8-bit frozen-weight products on the CPU ([`super::TrainConfig::fast`]).
     pub fast: bool,
 }
 

@@ -77,9 +77,10 @@ pub struct TrainConfig {
     pub train_on_prompt: bool,
     /// Seed of initialization, shuffling, splits and dropout.
     pub seed: u64,
-    /// CPU: frozen forward products of Q4_0/Q4_1 weights in 8-bit integer
-    /// arithmetic (inputs rounded to 8 bits per block of 32, as llama.cpp's
-    /// inference does); gradients stay f32.
+    /// CPU: the frozen weights' products in 8-bit integer arithmetic
+    /// ([`CpuStep::set_fast`](crate::backend::cpu::train::CpuStep::set_fast)):
+    /// forward inputs and backward output gradients rounded to 8 bits per
+    /// block of 32, the backward's `Wᵀ` to 4 bits.
     pub fast: bool,
 }
 

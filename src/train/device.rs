@@ -37,7 +37,7 @@ impl TrainDevice {
     }
 
     /// Prepare a planned step of `model` on this device; `fast` takes the
-    /// CPU's 8-bit forward products ([`CpuStep::set_fast`]; the GPU ignores it).
+    /// CPU's 8-bit frozen-weight products ([`CpuStep::set_fast`]; the GPU ignores it).
     pub fn step<'m>(
         &self,
         model: &'m Model,

@@ -106,8 +106,9 @@ fn scratch_lens(g: &Graph, n_vocab: usize) -> [usize; 3] {
 }
 
 /// Bytes of the scratch a [`CpuStep`] allocates besides its arena (see
-/// `scratch_lens`), and with `fast` that of the 8-bit forward products: the
-/// largest 4-bit weight repacked and the widest input quantized.
+/// `scratch_lens`), and with `fast` that of the 8-bit products: the largest
+/// weight repacked (4-bit forward, or transposed and rounded to 4 bits for
+/// `dY·W`) and the widest input or output gradient quantized.
 pub fn workspace_bytes(g: &Graph, n_vocab: usize, fast: bool) -> u64 {
     let f32s = 4 * scratch_lens(g, n_vocab).iter().sum::<usize>() as u64;
     if !fast {
@@ -115,12 +116,18 @@ pub fn workspace_bytes(g: &Graph, n_vocab: usize, fast: bool) -> u64 {
     }
     let (mut w, mut x) = (0, 0);
     for n in &g.nodes {
-        if let Op::Linear { w: id } = n.op {
-            let m = &g.frozen[id];
-            if PackedQ4::supports(m.ty) {
+        match n.op {
+            Op::Linear { w: id } if PackedQ4::supports(g.frozen[id].ty) => {
+                let m = &g.frozen[id];
                 w = w.max(PackedQ4::bytes(m.rows, m.cols));
                 x = x.max(Q8Rows::bytes(g.n_tokens(), m.cols));
             }
+            Op::LinearBackX { w: id } if back_int8(g.frozen[id].rows) => {
+                let m = &g.frozen[id];
+                w = w.max(PackedQ4::bytes(m.cols, m.rows));
+                x = x.max(Q8Rows::bytes(g.n_tokens(), m.rows));
+            }
+            _ => {}
         }
     }
     f32s + (w + x) as u64
@@ -169,11 +176,17 @@ impl<'m> CpuStep<'m> {
         })
     }
 
-    /// Compute the frozen forward products of Q4_0/Q4_1 weights in 8-bit
-    /// integer arithmetic ([`q4_gemm`]): inputs are rounded to 8 bits per
-    /// block of 32, as llama.cpp's inference does. Gradients, LoRA products
-    /// and other weight types stay f32. Recomputed layers use the same
-    /// products, so they reproduce the stored activations exactly.
+    /// Compute the frozen weights' products in 8-bit integer arithmetic
+    /// ([`q4_gemm`]):
+    /// - forward, `x·Wᵀ` of Q4_0/Q4_1 weights: `x` is rounded to 8 bits per
+    ///   block of 32, as llama.cpp's inference does;
+    /// - backward, `dX = dY·W` of any weight with a multiple of 32 rows:
+    ///   `dY` is rounded likewise, and `Wᵀ` to 4 bits per block of 32 of
+    ///   its rows ([`PackedQ4::pack_transposed`]).
+    ///
+    /// The loss head, the adapter's products and other weights stay f32.
+    /// Recomputed layers use the same products, so they reproduce the
+    /// stored activations exactly.
     pub fn set_fast(&mut self, on: bool) {
         self.int8 = on.then(Int8Forward::default);
     }
@@ -301,19 +314,18 @@ impl<'m> CpuStep<'m> {
                         .enumerate()
                         .for_each(|(r, row)| m.dequantize_row(r, row));
                     let dy = read(i[0]);
-                    let n = dy.len() / m.rows;
-                    let a = Operand::new(dy, m.rows);
-                    matmul_into(
-                        n,
-                        m.cols,
-                        m.rows,
-                        a,
-                        Operand::new(wf, m.cols),
-                        write(o[0]),
-                        m.cols,
-                        false,
-                        threads,
-                    );
+                    if let Some(q) = self.int8.as_mut().filter(|_| back_int8(m.rows)) {
+                        if q.x_of != Some(i[0]) {
+                            q.x.quantize(dy, m.rows);
+                            q.x_of = Some(i[0]);
+                        }
+                        q.w.pack_transposed(wf, m.rows, m.cols);
+                        q4_gemm::gemm(&q.w, &q.x, write(o[0]));
+                    } else {
+                        let n = dy.len() / m.rows;
+                        let (a, b) = (Operand::new(dy, m.rows), Operand::new(wf, m.cols));
+                        matmul_into(n, m.cols, m.rows, a, b, write(o[0]), m.cols, false, threads);
+                    }
                 }
                 Op::MatmulT => {
                     let (x, p) = (read(i[0]), g.shape(i[1]));
@@ -505,6 +517,12 @@ pub(crate) fn case_step(
         .map(|i| step.grad(i).to_vec())
         .collect();
     (loss, grads)
+}
+
+/// Whether `--fast` takes `dY·W` of a weight with `rows` outputs in 8-bit
+/// products: `Wᵀ` is rounded in blocks of 32 of them.
+fn back_int8(rows: usize) -> bool {
+    rows.is_multiple_of(crate::quant::blocks::QK)
 }
 
 fn zip2(a: &[f32], b: &[f32], y: &mut [f32], f: impl Fn(f32, f32) -> f32 + Sync) {
