@@ -105,9 +105,15 @@ fn main() {
                 f / i
             );
         }
+        let pack_fwd = pool.install(|| time(budget, || pw.pack(ty, rows, cols, black_box(&m))));
+        let quant_x = pool.install(|| time(budget, || xq.quantize(black_box(&x), cols)));
+        let decode_w = pool.install(|| time(budget, || decode(black_box(&mut wf))));
         println!(
-            "{:<16} |   Wᵀ rounded to 4 bits in {:.3} ms",
+            "{:<16} |   of which: W repacked {:.3} ms, x rounded {:.3} ms; W decoded {:.3} ms, Wᵀ rounded {:.3} ms",
             "",
+            pack_fwd * 1e3,
+            quant_x * 1e3,
+            decode_w * 1e3,
             pack_back * 1e3
         );
     }

@@ -120,9 +120,17 @@ fn quantize_block(x: &[f32; QK], q: &mut [i8; QK]) -> (f32, f32) {
 
 #[inline(always)]
 fn quantize_generic<I: Isa>(isa: I, a: &mut QuantizedActivation) {
+    quantize_with(a, |x, q, d, s| blocks_generic(isa, x, q, d, s))
+}
+
+/// Quantize `a`'s whole blocks with `blocks`, then its partial last one.
+#[inline(always)]
+fn quantize_with(
+    a: &mut QuantizedActivation,
+    blocks: impl FnOnce(&[f32], &mut [i8], &mut [f32], &mut [f32]),
+) {
     let full = a.len / QK;
-    blocks_generic(
-        isa,
+    blocks(
         &a.x[..QK * full],
         a.qs[..full].as_flattened_mut(),
         &mut a.d[..full],
@@ -175,10 +183,70 @@ fn blocks_generic<I: Isa>(_isa: I, x: &[f32], qs: &mut [i8], d: &mut [f32], s: &
     }
 }
 
+/// [`quantize_block`] over whole blocks, by hand in AVX2 (the compiler's
+/// vectorization of it runs at about 1 ns per value): the same bits.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn blocks_avx2(isa: Avx2, x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
-    blocks_generic(isa, x, qs, d, s)
+fn blocks_avx2(_: Avx2, x: &[f32], qs: &mut [i8], d: &mut [f32], s: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let nb = d.len();
+    assert!(x.len() == nb * QK && qs.len() == nb * QK && s.len() == nb);
+    // SAFETY: AVX2 is enabled on this function; every load and store is
+    // within the slices checked above.
+    unsafe {
+        let sign = _mm256_set1_ps(-0.0);
+        let zero = _mm256_setzero_ps();
+        let magic = _mm256_set1_ps(12_582_912.0);
+        let mant = _mm256_set1_epi32(0x007f_ffff);
+        let (half, lo, hi) = (
+            _mm256_set1_epi32(0x0040_0000),
+            _mm256_set1_epi32(-127),
+            _mm256_set1_epi32(127),
+        );
+        // packs interleave the 128-bit halves: this puts the bytes back.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for b in 0..nb {
+            let p = x.as_ptr().add(b * QK);
+            let v: [__m256; 4] = std::array::from_fn(|i| _mm256_loadu_ps(p.add(8 * i)));
+            // max(|v|, amax) keeps amax where v is NaN, as f32::max does.
+            let mut amax = zero;
+            let mut poison = zero;
+            for v in v {
+                amax = _mm256_max_ps(_mm256_andnot_ps(sign, v), amax);
+                poison = _mm256_add_ps(poison, _mm256_mul_ps(v, zero));
+            }
+            // Across lanes: the max of non-NaN values and a sum of zeros and
+            // NaNs are the same in any order.
+            let amax = _mm256_max_ps(amax, _mm256_permute2f128_ps(amax, amax, 1));
+            let amax = _mm256_max_ps(amax, _mm256_shuffle_ps(amax, amax, 0b0100_1110));
+            let amax = _mm256_max_ps(amax, _mm256_shuffle_ps(amax, amax, 0b1011_0001));
+            let poison = _mm256_add_ps(poison, _mm256_permute2f128_ps(poison, poison, 1));
+            let poison = _mm256_add_ps(poison, _mm256_shuffle_ps(poison, poison, 0b0100_1110));
+            let poison = _mm256_add_ps(poison, _mm256_shuffle_ps(poison, poison, 0b1011_0001));
+            let db = _mm256_cvtss_f32(amax) / 127.0 + _mm256_cvtss_f32(poison);
+            let id = _mm256_set1_ps(if db != 0.0 { 1.0 / db } else { 0.0 });
+            let q: [__m256i; 4] = std::array::from_fn(|i| {
+                let t = _mm256_add_ps(_mm256_mul_ps(v[i], id), magic);
+                let r = _mm256_sub_epi32(_mm256_and_si256(_mm256_castps_si256(t), mant), half);
+                _mm256_max_epi32(_mm256_min_epi32(r, hi), lo)
+            });
+            let sum = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            let s128 = _mm_add_epi32(
+                _mm256_castsi256_si128(sum),
+                _mm256_extracti128_si256(sum, 1),
+            );
+            let s64 = _mm_add_epi32(s128, _mm_unpackhi_epi64(s128, s128));
+            let total = _mm_cvtsi128_si32(_mm_add_epi32(s64, _mm_shuffle_epi32(s64, 1)));
+            let words = _mm256_packs_epi16(
+                _mm256_packs_epi32(q[0], q[1]),
+                _mm256_packs_epi32(q[2], q[3]),
+            );
+            let bytes = _mm256_permutevar8x32_epi32(words, order);
+            _mm256_storeu_si256(qs.as_mut_ptr().add(b * QK).cast(), bytes);
+            d[b] = db;
+            s[b] = db * total as f32;
+        }
+    }
 }
 
 /// The portable quantizer, whatever the CPU (tests compare the levels).
@@ -190,7 +258,7 @@ pub(crate) fn quantize_portable(a: &mut QuantizedActivation) {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn quantize_avx2(isa: Avx2, a: &mut QuantizedActivation) {
-    quantize_generic(isa, a)
+    quantize_with(a, |x, q, d, s| blocks_avx2(isa, x, q, d, s))
 }
 
 /// `Σ q[i]·a[i]` over one 32-value block.

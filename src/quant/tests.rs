@@ -412,17 +412,34 @@ fn activation_quantization() {
     }
     let z = quantize_activation_q8(&[0.0; 64]);
     assert!(z.d.iter().all(|&d| d == 0.0) && z.qs.iter().flatten().all(|&q| q == 0));
-    // Every level quantizes identically.
-    let x = rng.normals(300);
+    // Every level quantizes identically: random blocks, then blocks of
+    // ties (k + ½ steps), zeros, signed zeros, a NaN, an infinity, values
+    // near the smallest normal, and a partial last block.
+    let mut x = rng.normals(288);
+    x.extend((0..32).map(|k| (k as f32 - 15.5) * 0.25));
+    x.extend((0..32).map(|k| if k == 31 { 127.0 } else { k as f32 + 0.5 }));
+    x.extend([0.0; 32]);
+    x.extend((0..32).map(|k| if k % 2 == 0 { -0.0 } else { 0.0 }));
+    x.extend((0..32).map(|k| if k == 7 { f32::NAN } else { k as f32 }));
+    x.extend((0..32).map(|k| if k == 9 { f32::NEG_INFINITY } else { k as f32 }));
+    x.extend((0..32).map(|k| (k as f32 - 16.0) * 1e-38));
+    x.extend(rng.normals(12));
+    let nb = x.len().div_ceil(32);
     let mut b = QuantizedActivation::new();
     b.len = x.len();
-    b.qs.resize(10, [0; 32]);
-    b.d.resize(10, 0.0);
-    b.s.resize(10, 0.0);
+    b.qs.resize(nb, [0; 32]);
+    b.d.resize(nb, 0.0);
+    b.s.resize(nb, 0.0);
     b.x = x.clone();
     q8::quantize_portable(&mut b);
     let a = quantize_activation_q8(&x);
-    assert_eq!((a.qs, a.d, a.s), (b.qs, b.d, b.s));
+    let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+    assert_eq!(a.qs, b.qs);
+    assert_eq!((bits(&a.d), bits(&a.s)), (bits(&b.d), bits(&b.s)));
+    assert!(a.d[13].is_nan() && a.d[14].is_nan() && a.d[11] == 0.0 && a.d[12] == 0.0);
+    // Ties round to even, as the portable rounding does: 0.5 → 0, 1.5 → 2.
+    assert_eq!(a.d[10], 1.0);
+    assert_eq!(&a.qs[10][..4], &[0, 2, 2, 4]);
 }
 
 /// Quantize then dequantize `x`, returning the decoded values.
