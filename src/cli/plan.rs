@@ -226,7 +226,7 @@ pub struct StepArgs {
     /// CPU: compute the frozen weights' products in 8-bit integer
     /// arithmetic: forward, Q4_0/Q4_1 weights against inputs rounded to 8
     /// bits per block of 32 as llama.cpp's inference does; backward, dY
-    /// rounded likewise against Wᵀ rounded to 4 bits per block of 32
+    /// rounded likewise against Wᵀ rounded to 5 bits per block of 32
     /// (1.3–1.6× faster products; the loss head, the adapter's products
     /// and held-out losses stay f32).
     #[arg(long)]

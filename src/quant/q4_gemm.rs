@@ -1,6 +1,6 @@
 //! Integer GEMM of 4-bit weights (Q4_0, Q4_1) with activations quantized to
 //! 8 bits: `y = x·Wᵀ` for many tokens at once, the frozen forward products of
-//! training with `--fast`, and (with `Wᵀ` rounded to 4 bits by
+//! training with `--fast`, and (with `Wᵀ` rounded to 5 bits by
 //! [`PackedQ4::pack_transposed`]) its backward products `dY·W`.
 //!
 //! Weights are repacked in groups of 8 rows so that one 256-bit register holds
@@ -13,7 +13,8 @@
 //! Per 32-value block `b` of row `r` (`w = d·q + m`, `q` in 0..=15; Q4_0 is
 //! `m = −8d`) and token `t` (quants `a`, scale `da`, `s = da·Σa`):
 //! `y[t][r] += (Σ q·a)·(d·da) + m·s`, both terms fused multiply-adds in block
-//! order. `Σ q·a` is exact in i32 (at most 32·15·127), so the portable kernel
+//! order (5-bit quants, `q` in 0..=31, alike). `Σ q·a` is exact in i32 (at
+//! most 32·31·127), so the portable kernel
 //! here gives the AVX2 kernel's bits.
 
 use super::GgmlType;
@@ -26,6 +27,10 @@ use rayon::prelude::*;
 const GROUP: usize = 8;
 /// Packed quant bytes per group and block: 8 rows × 32 nibbles.
 const GROUP_BLOCK: usize = GROUP * QK / 2;
+/// The same of 5-bit quants ([`PackedQ4::pack_transposed`]), a byte each.
+const WIDE_BLOCK: usize = GROUP * QK;
+/// Levels of the 5-bit rounding of `Wᵀ`.
+const WIDE_MAX: u32 = 31;
 /// Tokens per register tile.
 const TILE: usize = 6;
 /// Groups whose weights a task keeps hot while it runs its tokens.
@@ -33,14 +38,19 @@ const GROUPS_PER_PASS: usize = 16;
 /// Parallel tasks per worker thread (for balance).
 const TASKS_PER_THREAD: usize = 4;
 
-/// A Q4_0 or Q4_1 matrix repacked for [`gemm`]; buffers are reused by
-/// [`PackedQ4::pack`].
+/// A Q4_0 or Q4_1 matrix repacked for [`gemm`] ([`PackedQ4::pack`]), or
+/// the transpose of a decoded matrix rounded to 5 bits
+/// ([`PackedQ4::pack_transposed`]); buffers are reused.
 #[derive(Debug, Default)]
 pub struct PackedQ4 {
     rows: usize,
     cols: usize,
-    /// `[group][block][j: 4][row: 8][4 bytes]`: byte `i` of row `r` in `j` is
-    /// the source byte `4j + i` (low nibble quant `4j + i`, high `16 + 4j + i`).
+    /// 5-bit quants, a byte each, rather than 4-bit nibbles.
+    wide: bool,
+    /// 4-bit: `[group][block][j: 4][row: 8][4 bytes]`: byte `i` of row `r` in
+    /// `j` is the source byte `4j + i` (low nibble quant `4j + i`, high
+    /// `16 + 4j + i`). 5-bit: `[group][block][j: 8][row: 8][4 bytes]`, byte
+    /// `i` of row `r` in `j` is quant `4j + i`.
     quants: Vec<u8>,
     /// `[group][block]`: the 8 rows' scales `d`, then their offsets `m`.
     scales: Vec<f32>,
@@ -63,6 +73,17 @@ impl PackedQ4 {
         groups * nb * (GROUP_BLOCK + 2 * GROUP * 4)
     }
 
+    /// Bytes this holds for `Wᵀ` of a `rows × cols` `W` (scratch planning).
+    pub fn bytes_transposed(rows: usize, cols: usize) -> usize {
+        let (groups, nb) = (cols.div_ceil(GROUP), rows / QK);
+        groups * nb * (WIDE_BLOCK + 2 * GROUP * 4)
+    }
+
+    /// Packed quant bytes per group and block.
+    fn block_bytes(&self) -> usize {
+        if self.wide { WIDE_BLOCK } else { GROUP_BLOCK }
+    }
+
     /// Repack `rows × cols` weights of type `ty` (`supports(ty)`) from `data`,
     /// their GGUF bytes (length checked by the caller's `QMatrix`).
     pub fn pack(&mut self, ty: GgmlType, rows: usize, cols: usize, data: &[u8]) {
@@ -74,6 +95,7 @@ impl PackedQ4 {
         let row_bytes = data.len() / rows.max(1);
         self.rows = rows;
         self.cols = cols;
+        self.wide = false;
         self.quants.resize(groups * nb * GROUP_BLOCK, 0);
         self.scales.resize(groups * nb * 2 * GROUP, 0.0);
         self.quants
@@ -112,11 +134,11 @@ impl PackedQ4 {
 
 impl PackedQ4 {
     /// Pack `Wᵀ` of a decoded `rows × cols` matrix `w` (row-major), rounded
-    /// to 4 bits as Q4_1 rounds: per output row `i` of `Wᵀ` and block of 32
-    /// of `w`'s rows, `d = (max − min)/15`, `m = min`, `q = round((v − m)/d)`.
-    /// The scales stay f32. `dY·W` is then [`gemm`] of this and `dY` (the
-    /// backward products of training with `--fast`); `rows` must be a
-    /// multiple of 32.
+    /// to 5 bits: per output row `i` of `Wᵀ` and block of 32 of `w`'s rows,
+    /// `d = (max − min)/31`, `m = min`, `q = round((v − m)/d)` (half up), as
+    /// Q4_1 rounds but with 32 levels. The scales stay f32. `dY·W` is then
+    /// [`gemm`] of this and `dY` (the backward products of training with
+    /// `--fast`); `rows` must be a multiple of 32.
     pub fn pack_transposed(&mut self, w: &[f32], rows: usize, cols: usize) {
         self.pack_transposed_at(level(), w, rows, cols)
     }
@@ -129,15 +151,16 @@ impl PackedQ4 {
         let (groups, nb) = (cols.div_ceil(GROUP), rows / QK);
         self.rows = cols;
         self.cols = rows;
-        self.quants.resize(groups * nb * GROUP_BLOCK, 0);
+        self.wide = true;
+        self.quants.resize(groups * nb * WIDE_BLOCK, 0);
         self.scales.resize(groups * nb * 2 * GROUP, 0.0);
         self.quants
-            .par_chunks_mut(nb * GROUP_BLOCK)
+            .par_chunks_mut(nb * WIDE_BLOCK)
             .zip(self.scales.par_chunks_mut(nb * 2 * GROUP))
             .enumerate()
             .for_each(|(g, (qg, sg))| {
                 for b in 0..nb {
-                    let qb = &mut qg[b * GROUP_BLOCK..(b + 1) * GROUP_BLOCK];
+                    let qb = &mut qg[b * WIDE_BLOCK..(b + 1) * WIDE_BLOCK];
                     let sb = &mut sg[b * 2 * GROUP..(b + 1) * 2 * GROUP];
                     match lv {
                         Level::Portable => round_block_t(w, cols, g * GROUP, b, qb, sb),
@@ -154,7 +177,7 @@ impl PackedQ4 {
 
 /// One packed block of `Wᵀ` (see [`PackedQ4::pack_transposed`]): rows
 /// `c0..c0 + 8` of `Wᵀ` (columns of `w`, zero past `cols`), values from
-/// `32b` on, rounded as Q4_1 rounds, into `q` (the packed layout) and `sc`
+/// `32b` on, rounded to 5 bits, into `q` (the packed layout) and `sc`
 /// (scales, then offsets). The portable path, and the AVX2 one's for a
 /// partial group.
 #[inline(always)]
@@ -174,21 +197,21 @@ fn round_block_t(w: &[f32], cols: usize, c0: usize, b: usize, q: &mut [u8], sc: 
     }
     let mut id = [0f32; GROUP];
     for r in 0..GROUP {
-        let d = (hi[r] - lo[r]) / 15.0;
+        let d = (hi[r] - lo[r]) / WIDE_MAX as f32;
         id[r] = if d > 0.0 { 1.0 / d } else { 0.0 };
         sc[r] = d;
         sc[GROUP + r] = lo[r];
     }
     // Non-negative, so `+ 0.5` then truncation rounds half up.
     let quant = |k: usize| -> [u32; GROUP] {
-        std::array::from_fn(|r| (((v[k][r] - lo[r]) * id[r] + 0.5) as u32).min(15))
+        std::array::from_fn(|r| (((v[k][r] - lo[r]) * id[r] + 0.5) as u32).min(WIDE_MAX))
     };
-    for j in 0..4 {
+    for j in 0..QK / 4 {
         let mut word = [0u32; GROUP];
         for i in 0..4 {
-            let (l, h) = (quant(4 * j + i), quant(16 + 4 * j + i));
+            let q = quant(4 * j + i);
             for r in 0..GROUP {
-                word[r] |= (l[r] | (h[r] << 4)) << (8 * i);
+                word[r] |= q[r] << (8 * i);
             }
         }
         for (r, w) in word.iter().enumerate() {
@@ -206,7 +229,7 @@ fn round_block_t_avx2(w: &[f32], cols: usize, c0: usize, b: usize, q: &mut [u8],
         return round_block_t(w, cols, c0, b, q, sc);
     }
     assert!((b * QK + QK - 1) * cols + c0 + GROUP <= w.len());
-    assert!(q.len() >= GROUP_BLOCK && sc.len() >= 2 * GROUP);
+    assert!(q.len() >= WIDE_BLOCK && sc.len() >= 2 * GROUP);
     // SAFETY: AVX2 and FMA are enabled on this function; every load and
     // store is within the slices checked above.
     unsafe {
@@ -217,25 +240,21 @@ fn round_block_t_avx2(w: &[f32], cols: usize, c0: usize, b: usize, q: &mut [u8],
             lo = _mm256_min_ps(lo, *v);
             hi = _mm256_max_ps(hi, *v);
         }
-        let d = _mm256_div_ps(_mm256_sub_ps(hi, lo), _mm256_set1_ps(15.0));
+        let d = _mm256_div_ps(_mm256_sub_ps(hi, lo), _mm256_set1_ps(WIDE_MAX as f32));
         let pos = _mm256_cmp_ps(d, _mm256_setzero_ps(), _CMP_GT_OQ);
         let id = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0), d), pos);
         _mm256_storeu_ps(sc.as_mut_ptr(), d);
         _mm256_storeu_ps(sc.as_mut_ptr().add(GROUP), lo);
-        let (half, top) = (_mm256_set1_ps(0.5), _mm256_set1_epi32(15));
+        let (half, top) = (_mm256_set1_ps(0.5), _mm256_set1_epi32(WIDE_MAX as i32));
         let quant = |k: usize| {
             let x = _mm256_add_ps(_mm256_mul_ps(_mm256_sub_ps(v[k], lo), id), half);
             _mm256_min_epi32(_mm256_cvttps_epi32(x), top)
         };
-        for j in 0..4 {
+        for j in 0..QK / 4 {
             let mut word = _mm256_setzero_si256();
             for i in 0..4 {
-                let (l, h) = (quant(4 * j + i), quant(16 + 4 * j + i));
-                let byte = _mm256_or_si256(l, _mm256_slli_epi32(h, 4));
-                word = _mm256_or_si256(
-                    word,
-                    _mm256_sllv_epi32(byte, _mm256_set1_epi32(8 * i as i32)),
-                );
+                let byte = _mm256_sllv_epi32(quant(4 * j + i), _mm256_set1_epi32(8 * i as i32));
+                word = _mm256_or_si256(word, byte);
             }
             _mm256_storeu_si256(q.as_mut_ptr().add(j * 32).cast(), word);
         }
@@ -343,9 +362,14 @@ fn run_tokens<K: Kernel>(w: &PackedQ4, x: &Q8Rows, t0: usize, nt: usize, yc: &mu
             let n = TILE.min(nt - tt);
             let xs: [usize; TILE] = std::array::from_fn(|i| t0 + tt + i.min(n - 1));
             for g in g0..groups.min(g0 + GROUPS_PER_PASS) {
-                let q = &w.quants[g * nb * GROUP_BLOCK..(g + 1) * nb * GROUP_BLOCK];
+                let bb = w.block_bytes();
+                let q = &w.quants[g * nb * bb..(g + 1) * nb * bb];
                 let sc = &w.scales[g * nb * 2 * GROUP..(g + 1) * nb * 2 * GROUP];
-                K::tile(q, sc, x, xs, &mut out);
+                if w.wide {
+                    K::tile_wide(q, sc, x, xs, &mut out);
+                } else {
+                    K::tile(q, sc, x, xs, &mut out);
+                }
                 let r0 = g * GROUP;
                 let nr = GROUP.min(w.rows - r0);
                 for (i, o) in out.iter().enumerate().take(n) {
@@ -367,6 +391,14 @@ fn run_tokens_avx2(w: &PackedQ4, x: &Q8Rows, t0: usize, nt: usize, yc: &mut [f32
 /// `x`; a partial tile repeats its last token).
 trait Kernel {
     fn tile(q: &[u8], sc: &[f32], x: &Q8Rows, xs: [usize; TILE], out: &mut [[f32; GROUP]; TILE]);
+    /// The same for 5-bit quants, a byte each.
+    fn tile_wide(
+        q: &[u8],
+        sc: &[f32],
+        x: &Q8Rows,
+        xs: [usize; TILE],
+        out: &mut [[f32; GROUP]; TILE],
+    );
 }
 
 struct Portable;
@@ -389,6 +421,36 @@ impl Kernel for Portable {
                             let byte = qb[j * 32 + r * 4 + i];
                             sum += (byte & 15) as i32 * a[4 * j + i] as i32;
                             sum += (byte >> 4) as i32 * a[16 + 4 * j + i] as i32;
+                        }
+                    }
+                    o[r] = (sum as f32).mul_add(d[r] * da, o[r]);
+                    o[r] = m[r].mul_add(sa, o[r]);
+                }
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn tile_wide(
+        q: &[u8],
+        sc: &[f32],
+        x: &Q8Rows,
+        xs: [usize; TILE],
+        out: &mut [[f32; GROUP]; TILE],
+    ) {
+        let nb = x.cols / QK;
+        *out = [[0.0; GROUP]; TILE];
+        for b in 0..nb {
+            let qb = &q[b * WIDE_BLOCK..(b + 1) * WIDE_BLOCK];
+            let (d, m) = sc[b * 2 * GROUP..(b + 1) * 2 * GROUP].split_at(GROUP);
+            for (o, &t) in out.iter_mut().zip(&xs) {
+                let a = &x.qs[(t * nb + b) * QK..(t * nb + b + 1) * QK];
+                let (da, sa) = (x.d[t * nb + b], x.s[t * nb + b]);
+                for r in 0..GROUP {
+                    let mut sum = 0i32;
+                    for j in 0..QK / 4 {
+                        for i in 0..4 {
+                            sum += qb[j * 32 + r * 4 + i] as i32 * a[4 * j + i] as i32;
                         }
                     }
                     o[r] = (sum as f32).mul_add(d[r] * da, o[r]);
@@ -448,6 +510,63 @@ impl Kernel for Avx2Kernel {
                     let sa = _mm256_set1_ps(*x.s.get_unchecked(t * nb + b));
                     *acc = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, da), *acc);
                     *acc = _mm256_fmadd_ps(m, sa, *acc);
+                }
+            }
+            for (o, a) in out.iter_mut().zip(&acc) {
+                _mm256_storeu_ps(o.as_mut_ptr(), *a);
+            }
+        }
+    }
+
+    #[inline(always)]
+    fn tile_wide(
+        q: &[u8],
+        sc: &[f32],
+        x: &Q8Rows,
+        xs: [usize; TILE],
+        out: &mut [[f32; GROUP]; TILE],
+    ) {
+        use std::arch::x86_64::*;
+        let nb = x.cols / QK;
+        assert!(q.len() >= nb * WIDE_BLOCK && sc.len() >= nb * 2 * GROUP);
+        for &t in &xs {
+            assert!((t + 1) * nb * QK <= x.qs.len() && (t + 1) * nb <= x.d.len());
+        }
+        // SAFETY: as `tile`'s: AVX2 and FMA are enabled by the callers, and
+        // every load is within the slices checked above.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            // Each token's quants, scales and sums, from block 0 on.
+            let aps: [*const i8; TILE] = xs.map(|t| x.qs.as_ptr().add(t * nb * QK));
+            let dps: [*const f32; TILE] = xs.map(|t| x.d.as_ptr().add(t * nb));
+            let sps: [*const f32; TILE] = xs.map(|t| x.s.as_ptr().add(t * nb));
+            let mut acc = [_mm256_setzero_ps(); TILE];
+            for b in 0..nb {
+                let qp = q.as_ptr().add(b * WIDE_BLOCK);
+                let w: [__m256i; 8] =
+                    std::array::from_fn(|j| _mm256_loadu_si256(qp.add(j * 32).cast()));
+                let d = _mm256_loadu_ps(sc.as_ptr().add(b * 2 * GROUP));
+                let m = _mm256_loadu_ps(sc.as_ptr().add(b * 2 * GROUP + GROUP));
+                for ti in 0..TILE {
+                    let ap = aps[ti].add(b * QK);
+                    macro_rules! word {
+                        ($j:expr) => {
+                            _mm256_set1_epi32(ap.add(4 * $j).cast::<i32>().read_unaligned())
+                        };
+                    }
+                    // Four words' 16-bit sums stay inside i16 (4·2·31·127).
+                    let mut lo = _mm256_maddubs_epi16(w[0], word!(0));
+                    let mut hi = _mm256_maddubs_epi16(w[4], word!(4));
+                    for j in 1..4 {
+                        lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(w[j], word!(j)));
+                        hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(w[4 + j], word!(4 + j)));
+                    }
+                    let (lo, hi) = (_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, ones));
+                    let sum = _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi));
+                    let da = _mm256_set1_ps(*dps[ti].add(b));
+                    let sa = _mm256_set1_ps(*sps[ti].add(b));
+                    acc[ti] = _mm256_fmadd_ps(sum, _mm256_mul_ps(d, da), acc[ti]);
+                    acc[ti] = _mm256_fmadd_ps(m, sa, acc[ti]);
                 }
             }
             for (o, a) in out.iter_mut().zip(&acc) {
@@ -556,28 +675,36 @@ mod tests {
     }
 
     #[test]
-    fn transposed_packing_rounds_each_block_of_32_rows_to_4_bits_and_gives_dy_times_w() {
+    fn transposed_packing_rounds_each_block_of_32_rows_to_5_bits_and_gives_dy_times_w() {
         let mut seed = 5;
         // 64 rows: 2 blocks of the contraction; 13 columns: a padded group.
         let (rows, cols, n) = (64, 13, 7);
         let w: Vec<f32> = (0..rows * cols)
             .map(|i| rng(&mut seed) * (1.0 + (i % cols) as f32))
             .collect();
-        let dy: Vec<f32> = (0..n * rows).map(|_| rng(&mut seed) * 3.0).collect();
+        let mut w = w;
+        let mut dy: Vec<f32> = (0..n * rows).map(|_| rng(&mut seed) * 3.0).collect();
+        // The largest sums the 16-bit chain holds: quants 31 against
+        // activations ±127 (column 0, block 0; tokens 0 and 1).
+        for k in 0..QK {
+            w[k * cols] = if k == 0 { 0.0 } else { 1.0 };
+            dy[k] = 2.0;
+            dy[rows + k] = -2.0;
+        }
         let mut dq = Q8Rows::new();
         dq.quantize(&dy, rows);
         // Wᵀ as the rounding rule gives it, written out here: per column `c`
-        // of `w` and block of 32 rows, 16 levels from the min to the max.
+        // of `w` and block of 32 rows, 32 levels from the min to the max.
         let mut wt = vec![0f32; cols * rows];
         for c in 0..cols {
             for b in 0..rows / QK {
                 let v: Vec<f32> = (0..QK).map(|k| w[(b * QK + k) * cols + c]).collect();
                 let lo = v.iter().copied().fold(f32::INFINITY, f32::min);
                 let hi = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let d = (hi - lo) / 15.0;
+                let d = (hi - lo) / 31.0;
                 for (k, &x) in v.iter().enumerate() {
                     let q = ((x - lo) / d).round();
-                    assert!((0.0..=15.0).contains(&q));
+                    assert!((0.0..=31.0).contains(&q));
                     wt[c * rows + b * QK + k] = lo + d * q;
                     // At most half a step from the value it rounds.
                     assert!((wt[c * rows + b * QK + k] - x).abs() <= 0.5001 * d);

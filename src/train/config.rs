@@ -80,7 +80,7 @@ pub struct TrainConfig {
     /// CPU: the frozen weights' products in 8-bit integer arithmetic
     /// ([`CpuStep::set_fast`](crate::backend::cpu::train::CpuStep::set_fast)):
     /// forward inputs and backward output gradients rounded to 8 bits per
-    /// block of 32, the backward's `Wᵀ` to 4 bits.
+    /// block of 32, the backward's `Wᵀ` to 5 bits.
     pub fast: bool,
 }
 

@@ -107,7 +107,7 @@ fn scratch_lens(g: &Graph, n_vocab: usize) -> [usize; 3] {
 
 /// Bytes of the scratch a [`CpuStep`] allocates besides its arena (see
 /// `scratch_lens`), and with `fast` that of the 8-bit products: the largest
-/// weight repacked (4-bit forward, or transposed and rounded to 4 bits for
+/// weight repacked (4-bit forward, or transposed and rounded to 5 bits for
 /// `dY·W`) and the widest input or output gradient quantized.
 pub fn workspace_bytes(g: &Graph, n_vocab: usize, fast: bool) -> u64 {
     let f32s = 4 * scratch_lens(g, n_vocab).iter().sum::<usize>() as u64;
@@ -124,7 +124,7 @@ pub fn workspace_bytes(g: &Graph, n_vocab: usize, fast: bool) -> u64 {
             }
             Op::LinearBackX { w: id } if back_int8(g.frozen[id].rows) => {
                 let m = &g.frozen[id];
-                w = w.max(PackedQ4::bytes(m.cols, m.rows));
+                w = w.max(PackedQ4::bytes_transposed(m.rows, m.cols));
                 x = x.max(Q8Rows::bytes(g.n_tokens(), m.rows));
             }
             _ => {}
@@ -181,7 +181,7 @@ impl<'m> CpuStep<'m> {
     /// - forward, `x·Wᵀ` of Q4_0/Q4_1 weights: `x` is rounded to 8 bits per
     ///   block of 32, as llama.cpp's inference does;
     /// - backward, `dX = dY·W` of any weight with a multiple of 32 rows:
-    ///   `dY` is rounded likewise, and `Wᵀ` to 4 bits per block of 32 of
+    ///   `dY` is rounded likewise, and `Wᵀ` to 5 bits per block of 32 of
     ///   its rows ([`PackedQ4::pack_transposed`]).
     ///
     /// The loss head, the adapter's products and other weights stay f32.

@@ -353,7 +353,7 @@ fn fast_forward_stays_close_to_f32_and_recomputed_layers_reproduce_it() {
         let norm: f64 = e.iter().map(|&b| f64::from(b).powi(2)).sum();
         // Straight-through: the backward is taken at activations that moved
         // by the 8-bit rounding, and its products `dY·W` through `Wᵀ`
-        // rounded to 4 bits. On this random tiny model that moves the
+        // rounded to 5 bits. On this random tiny model that moves the
         // gradients by 4–24% (q and k most, through the softmax).
         assert!(
             diff.sqrt() <= 0.3 * norm.sqrt(),
