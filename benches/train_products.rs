@@ -1,8 +1,9 @@
-//! The frozen-weight forward products of one training step, `x·Wᵀ`, per
-//! Q4_1 matrix shape of SmolLM2-135M, for 1024 tokens (the benchmark's
-//! 4 × 256) on one thread: in f32 (rows decoded, then the `gemm` crate: the
-//! exact path) and in 8-bit integers (`--fast`: `q4_gemm::gemm`, repacking
-//! and rounding included).
+//! The frozen-weight products of one training step per Q4_1 matrix shape of
+//! SmolLM2-135M, for 1024 tokens (the benchmark's 4 × 256) on one thread:
+//! the forward `x·Wᵀ` and the backward `dY·W`, each in f32 (rows decoded,
+//! then the `gemm` crate: the exact path) and in 8-bit integers (`--fast`:
+//! `q4_gemm::gemm`, with `Wᵀ` rounded to 5 bits for `dY·W`; repacking and
+//! rounding included), then what repacking, rounding and decoding take.
 //!
 //! Needs `harness = false`: `cargo bench --bench train_products`. Prints
 //! milliseconds per product (the best of repeated runs), multiply-adds per
