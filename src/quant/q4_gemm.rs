@@ -14,8 +14,7 @@
 //! `m = −8d`) and token `t` (quants `a`, scale `da`, `s = da·Σa`):
 //! `y[t][r] += (Σ q·a)·(d·da) + m·s`, both terms fused multiply-adds in block
 //! order (5-bit quants, `q` in 0..=31, alike). `Σ q·a` is exact in i32 (at
-//! most 32·31·127), so the portable kernel
-//! here gives the AVX2 kernel's bits.
+//! most 32·31·127), so the portable kernel here gives the AVX2 kernel's bits.
 
 use super::GgmlType;
 use super::blocks::{BlockQ4_0, BlockQ4_1, QK, as_blocks};
@@ -84,6 +83,30 @@ impl PackedQ4 {
         if self.wide { WIDE_BLOCK } else { GROUP_BLOCK }
     }
 
+    /// Take the shape `rows × cols` (packed rows, contraction) and size the
+    /// buffers for it: returns the blocks per row.
+    fn reset(&mut self, rows: usize, cols: usize, wide: bool) -> usize {
+        let (groups, nb) = (rows.div_ceil(GROUP), cols / QK);
+        self.rows = rows;
+        self.cols = cols;
+        self.wide = wide;
+        self.quants.resize(groups * nb * self.block_bytes(), 0);
+        self.scales.resize(groups * nb * 2 * GROUP, 0.0);
+        nb
+    }
+
+    /// Each group's index, quants and scales, in parallel.
+    fn par_groups(
+        &mut self,
+    ) -> impl IndexedParallelIterator<Item = (usize, (&mut [u8], &mut [f32]))> {
+        let nb = self.cols / QK;
+        let bb = self.block_bytes();
+        self.quants
+            .par_chunks_mut(nb * bb)
+            .zip(self.scales.par_chunks_mut(nb * 2 * GROUP))
+            .enumerate()
+    }
+
     /// Repack `rows × cols` weights of type `ty` (`supports(ty)`) from `data`,
     /// their GGUF bytes (length checked by the caller's `QMatrix`).
     pub fn pack(&mut self, ty: GgmlType, rows: usize, cols: usize, data: &[u8]) {
@@ -91,44 +114,35 @@ impl PackedQ4 {
             Self::supports(ty) && cols.is_multiple_of(QK),
             "PackedQ4: {ty:?} × {cols}"
         );
-        let (groups, nb) = (rows.div_ceil(GROUP), cols / QK);
         let row_bytes = data.len() / rows.max(1);
-        self.rows = rows;
-        self.cols = cols;
-        self.wide = false;
-        self.quants.resize(groups * nb * GROUP_BLOCK, 0);
-        self.scales.resize(groups * nb * 2 * GROUP, 0.0);
-        self.quants
-            .par_chunks_mut(nb * GROUP_BLOCK)
-            .zip(self.scales.par_chunks_mut(nb * 2 * GROUP))
-            .enumerate()
-            .for_each(|(g, (qg, sg))| {
-                for r in 0..GROUP {
-                    let row = g * GROUP + r;
-                    if row >= rows {
-                        // Padding rows: zero quants and scales, never stored.
-                        for b in 0..nb {
-                            for j in 0..4 {
-                                let o = b * GROUP_BLOCK + j * 32 + r * 4;
-                                qg[o..o + 4].fill(0);
-                            }
-                            sg[b * 2 * GROUP + r] = 0.0;
-                            sg[b * 2 * GROUP + GROUP + r] = 0.0;
-                        }
-                        continue;
-                    }
-                    let src = &data[row * row_bytes..(row + 1) * row_bytes];
+        let nb = self.reset(rows, cols, false);
+        self.par_groups().for_each(|(g, (qg, sg))| {
+            for r in 0..GROUP {
+                let row = g * GROUP + r;
+                if row >= rows {
+                    // Padding rows: zero quants and scales, never stored.
                     for b in 0..nb {
-                        let (qs, d, m) = block(ty, src, b);
                         for j in 0..4 {
                             let o = b * GROUP_BLOCK + j * 32 + r * 4;
-                            qg[o..o + 4].copy_from_slice(&qs[4 * j..4 * j + 4]);
+                            qg[o..o + 4].fill(0);
                         }
-                        sg[b * 2 * GROUP + r] = d;
-                        sg[b * 2 * GROUP + GROUP + r] = m;
+                        sg[b * 2 * GROUP + r] = 0.0;
+                        sg[b * 2 * GROUP + GROUP + r] = 0.0;
                     }
+                    continue;
                 }
-            });
+                let src = &data[row * row_bytes..(row + 1) * row_bytes];
+                for b in 0..nb {
+                    let (qs, d, m) = block(ty, src, b);
+                    for j in 0..4 {
+                        let o = b * GROUP_BLOCK + j * 32 + r * 4;
+                        qg[o..o + 4].copy_from_slice(&qs[4 * j..4 * j + 4]);
+                    }
+                    sg[b * 2 * GROUP + r] = d;
+                    sg[b * 2 * GROUP + GROUP + r] = m;
+                }
+            }
+        });
     }
 }
 
@@ -148,30 +162,19 @@ impl PackedQ4 {
             rows.is_multiple_of(QK) && w.len() == rows * cols,
             "PackedQ4::pack_transposed: {rows} × {cols}"
         );
-        let (groups, nb) = (cols.div_ceil(GROUP), rows / QK);
-        self.rows = cols;
-        self.cols = rows;
-        self.wide = true;
-        self.quants.resize(groups * nb * WIDE_BLOCK, 0);
-        self.scales.resize(groups * nb * 2 * GROUP, 0.0);
-        self.quants
-            .par_chunks_mut(nb * WIDE_BLOCK)
-            .zip(self.scales.par_chunks_mut(nb * 2 * GROUP))
-            .enumerate()
-            .for_each(|(g, (qg, sg))| {
-                for b in 0..nb {
-                    let qb = &mut qg[b * WIDE_BLOCK..(b + 1) * WIDE_BLOCK];
-                    let sb = &mut sg[b * 2 * GROUP..(b + 1) * 2 * GROUP];
-                    match lv {
-                        Level::Portable => round_block_t(w, cols, g * GROUP, b, qb, sb),
-                        #[cfg(target_arch = "x86_64")]
-                        // SAFETY: the token proves AVX2 and FMA.
-                        Level::Avx2(_) => unsafe {
-                            round_block_t_avx2(w, cols, g * GROUP, b, qb, sb)
-                        },
-                    }
+        let nb = self.reset(cols, rows, true);
+        self.par_groups().for_each(|(g, (qg, sg))| {
+            for b in 0..nb {
+                let qb = &mut qg[b * WIDE_BLOCK..(b + 1) * WIDE_BLOCK];
+                let sb = &mut sg[b * 2 * GROUP..(b + 1) * 2 * GROUP];
+                match lv {
+                    Level::Portable => round_block_t(w, cols, g * GROUP, b, qb, sb),
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: the token proves AVX2 and FMA.
+                    Level::Avx2(_) => unsafe { round_block_t_avx2(w, cols, g * GROUP, b, qb, sb) },
                 }
-            });
+            }
+        });
     }
 }
 
@@ -406,28 +409,17 @@ struct Portable;
 impl Kernel for Portable {
     #[inline(always)]
     fn tile(q: &[u8], sc: &[f32], x: &Q8Rows, xs: [usize; TILE], out: &mut [[f32; GROUP]; TILE]) {
-        let nb = x.cols / QK;
-        *out = [[0.0; GROUP]; TILE];
-        for b in 0..nb {
-            let qb = &q[b * GROUP_BLOCK..(b + 1) * GROUP_BLOCK];
-            let (d, m) = sc[b * 2 * GROUP..(b + 1) * 2 * GROUP].split_at(GROUP);
-            for (o, &t) in out.iter_mut().zip(&xs) {
-                let a = &x.qs[(t * nb + b) * QK..(t * nb + b + 1) * QK];
-                let (da, sa) = (x.d[t * nb + b], x.s[t * nb + b]);
-                for r in 0..GROUP {
-                    let mut sum = 0i32;
-                    for j in 0..4 {
-                        for i in 0..4 {
-                            let byte = qb[j * 32 + r * 4 + i];
-                            sum += (byte & 15) as i32 * a[4 * j + i] as i32;
-                            sum += (byte >> 4) as i32 * a[16 + 4 * j + i] as i32;
-                        }
-                    }
-                    o[r] = (sum as f32).mul_add(d[r] * da, o[r]);
-                    o[r] = m[r].mul_add(sa, o[r]);
+        portable_tile(q, sc, x, xs, out, GROUP_BLOCK, |qb, r, a| {
+            let mut sum = 0i32;
+            for j in 0..4 {
+                for i in 0..4 {
+                    let byte = qb[j * 32 + r * 4 + i];
+                    sum += (byte & 15) as i32 * a[4 * j + i] as i32;
+                    sum += (byte >> 4) as i32 * a[16 + 4 * j + i] as i32;
                 }
             }
-        }
+            sum
+        })
     }
 
     #[inline(always)]
@@ -438,24 +430,41 @@ impl Kernel for Portable {
         xs: [usize; TILE],
         out: &mut [[f32; GROUP]; TILE],
     ) {
-        let nb = x.cols / QK;
-        *out = [[0.0; GROUP]; TILE];
-        for b in 0..nb {
-            let qb = &q[b * WIDE_BLOCK..(b + 1) * WIDE_BLOCK];
-            let (d, m) = sc[b * 2 * GROUP..(b + 1) * 2 * GROUP].split_at(GROUP);
-            for (o, &t) in out.iter_mut().zip(&xs) {
-                let a = &x.qs[(t * nb + b) * QK..(t * nb + b + 1) * QK];
-                let (da, sa) = (x.d[t * nb + b], x.s[t * nb + b]);
-                for r in 0..GROUP {
-                    let mut sum = 0i32;
-                    for j in 0..QK / 4 {
-                        for i in 0..4 {
-                            sum += qb[j * 32 + r * 4 + i] as i32 * a[4 * j + i] as i32;
-                        }
-                    }
-                    o[r] = (sum as f32).mul_add(d[r] * da, o[r]);
-                    o[r] = m[r].mul_add(sa, o[r]);
+        portable_tile(q, sc, x, xs, out, WIDE_BLOCK, |qb, r, a| {
+            let mut sum = 0i32;
+            for j in 0..QK / 4 {
+                for i in 0..4 {
+                    sum += qb[j * 32 + r * 4 + i] as i32 * a[4 * j + i] as i32;
                 }
+            }
+            sum
+        })
+    }
+}
+
+/// The portable tile over packed blocks of `block_bytes`, with `dot(qb, r,
+/// a)` the integer sum of row `r` of block `qb` against quants `a`.
+#[inline(always)]
+fn portable_tile(
+    q: &[u8],
+    sc: &[f32],
+    x: &Q8Rows,
+    xs: [usize; TILE],
+    out: &mut [[f32; GROUP]; TILE],
+    block_bytes: usize,
+    dot: impl Fn(&[u8], usize, &[i8]) -> i32,
+) {
+    let nb = x.cols / QK;
+    *out = [[0.0; GROUP]; TILE];
+    for b in 0..nb {
+        let qb = &q[b * block_bytes..(b + 1) * block_bytes];
+        let (d, m) = sc[b * 2 * GROUP..(b + 1) * 2 * GROUP].split_at(GROUP);
+        for (o, &t) in out.iter_mut().zip(&xs) {
+            let a = &x.qs[(t * nb + b) * QK..(t * nb + b + 1) * QK];
+            let (da, sa) = (x.d[t * nb + b], x.s[t * nb + b]);
+            for r in 0..GROUP {
+                o[r] = (dot(qb, r, a) as f32).mul_add(d[r] * da, o[r]);
+                o[r] = m[r].mul_add(sa, o[r]);
             }
         }
     }
@@ -464,16 +473,25 @@ impl Kernel for Portable {
 #[cfg(target_arch = "x86_64")]
 struct Avx2Kernel;
 
+/// The blocks per row of a tile's operands, after checking that the AVX2
+/// tiles' unchecked loads stay inside them.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn check_tile(q: &[u8], sc: &[f32], x: &Q8Rows, xs: [usize; TILE], block_bytes: usize) -> usize {
+    let nb = x.cols / QK;
+    assert!(q.len() >= nb * block_bytes && sc.len() >= nb * 2 * GROUP);
+    for &t in &xs {
+        assert!((t + 1) * nb * QK <= x.qs.len() && (t + 1) * nb <= x.d.len());
+    }
+    nb
+}
+
 #[cfg(target_arch = "x86_64")]
 impl Kernel for Avx2Kernel {
     #[inline(always)]
     fn tile(q: &[u8], sc: &[f32], x: &Q8Rows, xs: [usize; TILE], out: &mut [[f32; GROUP]; TILE]) {
         use std::arch::x86_64::*;
-        let nb = x.cols / QK;
-        assert!(q.len() >= nb * GROUP_BLOCK && sc.len() >= nb * 2 * GROUP);
-        for &t in &xs {
-            assert!((t + 1) * nb * QK <= x.qs.len() && (t + 1) * nb <= x.d.len());
-        }
+        let nb = check_tile(q, sc, x, xs, GROUP_BLOCK);
         // SAFETY: callers run this inside `#[target_feature(enable = "avx2,fma")]`;
         // every load is within the slices checked above.
         unsafe {
@@ -527,11 +545,7 @@ impl Kernel for Avx2Kernel {
         out: &mut [[f32; GROUP]; TILE],
     ) {
         use std::arch::x86_64::*;
-        let nb = x.cols / QK;
-        assert!(q.len() >= nb * WIDE_BLOCK && sc.len() >= nb * 2 * GROUP);
-        for &t in &xs {
-            assert!((t + 1) * nb * QK <= x.qs.len() && (t + 1) * nb <= x.d.len());
-        }
+        let nb = check_tile(q, sc, x, xs, WIDE_BLOCK);
         // SAFETY: as `tile`'s: AVX2 and FMA are enabled by the callers, and
         // every load is within the slices checked above.
         unsafe {
@@ -608,6 +622,29 @@ mod tests {
         (data, dec)
     }
 
+    /// `y (n × out)` is `x`'s 8-bit values (dequantized) times `wᵀ`, `w` of
+    /// `out` rows of `x.cols`, to `tol` of each sum's L1 norm.
+    fn assert_products(y: &[f32], x: &Q8Rows, w: &[f32], tol: f64) {
+        let k = x.cols;
+        let out = w.len() / k;
+        for t in 0..x.n {
+            let a: Vec<f32> = (0..k)
+                .map(|i| x.qs[t * k + i] as f32 * x.d[(t * k + i) / QK])
+                .collect();
+            for r in 0..out {
+                let wr = &w[r * k..(r + 1) * k];
+                let want: f64 = wr.iter().zip(&a).map(|(w, a)| f64::from(w * a)).sum();
+                let l1: f64 = wr
+                    .iter()
+                    .zip(&a)
+                    .map(|(w, a)| f64::from((w * a).abs()))
+                    .sum();
+                let got = f64::from(y[t * out + r]);
+                assert!((got - want).abs() <= tol * l1, "t{t} r{r}: {got} vs {want}");
+            }
+        }
+    }
+
     #[test]
     fn matches_the_f32_product_of_the_decoded_weights_and_every_level_agrees() {
         let mut seed = 7;
@@ -631,25 +668,7 @@ mod tests {
             }
             let y = &outs[0];
             // Exactly the product of the 8-bit activations and the weights.
-            for t in 0..n {
-                let xt: Vec<f32> = (0..cols)
-                    .map(|k| xq.qs[t * cols + k] as f32 * xq.d[t * cols / QK + k / QK])
-                    .collect();
-                for r in 0..rows {
-                    let wr = &dec[r * cols..(r + 1) * cols];
-                    let want: f64 = wr.iter().zip(&xt).map(|(a, b)| f64::from(a * b)).sum();
-                    let l1: f64 = wr
-                        .iter()
-                        .zip(&xt)
-                        .map(|(a, b)| f64::from((a * b).abs()))
-                        .sum();
-                    let got = f64::from(y[t * rows + r]);
-                    assert!(
-                        (got - want).abs() <= 1e-6 * l1,
-                        "{ty:?} t{t} r{r}: {got} vs {want}"
-                    );
-                }
-            }
+            assert_products(y, &xq, &dec, 1e-6);
             for t in 0..n {
                 let xt = &x[t * cols..(t + 1) * cols];
                 let amax = xt.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -722,25 +741,7 @@ mod tests {
         for dx in &outs[1..] {
             assert_eq!(dx, &outs[0], "the AVX2 packing or kernel's bits differ");
         }
-        for t in 0..n {
-            let a: Vec<f32> = (0..rows)
-                .map(|o| dq.qs[t * rows + o] as f32 * dq.d[(t * rows + o) / QK])
-                .collect();
-            for c in 0..cols {
-                let col = &wt[c * rows..(c + 1) * rows];
-                let want: f64 = col.iter().zip(&a).map(|(w, a)| f64::from(w * a)).sum();
-                let l1: f64 = col
-                    .iter()
-                    .zip(&a)
-                    .map(|(w, a)| f64::from((w * a).abs()))
-                    .sum();
-                let got = f64::from(outs[0][t * cols + c]);
-                assert!(
-                    (got - want).abs() <= 1e-5 * l1,
-                    "t{t} c{c}: {got} vs {want}"
-                );
-            }
-        }
+        assert_products(&outs[0], &dq, &wt, 1e-5);
     }
 
     #[test]

@@ -60,18 +60,19 @@ pub struct CpuStep<'m> {
     loss_chunk: usize,
     threads: usize,
     pool: Arc<rayon::ThreadPool>,
-    int8: Option<Int8Forward>,
+    int8: Option<Int8Products>,
     /// A thin parameter transposed, for [`ops::add_thin_product`].
     thin: Vec<f32>,
     /// Per-op timings, when enabled.
     pub profile: Option<StepProfile>,
 }
 
-/// Scratch of the 8-bit forward products ([`CpuStep::set_fast`]): the
-/// weight being multiplied, repacked, and the last input quantized (q, k
-/// and v, or gate and up, read the same input).
+/// Scratch of the 8-bit products ([`CpuStep::set_fast`]): the weight being
+/// multiplied, repacked (or its transpose rounded), and the last input or
+/// output gradient quantized, with its tensor (q, k and v, or gate and up,
+/// read the same input).
 #[derive(Default)]
-struct Int8Forward {
+struct Int8Products {
     w: PackedQ4,
     x: Q8Rows,
     x_of: Option<TensorId>,
@@ -188,7 +189,7 @@ impl<'m> CpuStep<'m> {
     /// Recomputed layers use the same products, so they reproduce the
     /// stored activations exactly.
     pub fn set_fast(&mut self, on: bool) {
-        self.int8 = on.then(Int8Forward::default);
+        self.int8 = on.then(Int8Products::default);
     }
 
     /// The graph being run.
