@@ -68,14 +68,21 @@ impl PackedQ4 {
 
     /// Bytes this holds for a `rows × cols` matrix (scratch planning).
     pub fn bytes(rows: usize, cols: usize) -> usize {
-        let (groups, nb) = (rows.div_ceil(GROUP), cols / QK);
-        groups * nb * (GROUP_BLOCK + 2 * GROUP * 4)
+        let (quants, scales) = Self::lens(rows, cols, GROUP_BLOCK);
+        quants + 4 * scales
     }
 
     /// Bytes this holds for `Wᵀ` of a `rows × cols` `W` (scratch planning).
     pub fn bytes_transposed(rows: usize, cols: usize) -> usize {
-        let (groups, nb) = (cols.div_ceil(GROUP), rows / QK);
-        groups * nb * (WIDE_BLOCK + 2 * GROUP * 4)
+        let (quants, scales) = Self::lens(cols, rows, WIDE_BLOCK);
+        quants + 4 * scales
+    }
+
+    /// Lengths of the quants and scales of `rows` packed rows of `cols`
+    /// values, with `block_bytes` of quants per group and block.
+    fn lens(rows: usize, cols: usize, block_bytes: usize) -> (usize, usize) {
+        let (groups, nb) = (rows.div_ceil(GROUP), cols / QK);
+        (groups * nb * block_bytes, groups * nb * 2 * GROUP)
     }
 
     /// Packed quant bytes per group and block.
@@ -86,13 +93,13 @@ impl PackedQ4 {
     /// Take the shape `rows × cols` (packed rows, contraction) and size the
     /// buffers for it: returns the blocks per row.
     fn reset(&mut self, rows: usize, cols: usize, wide: bool) -> usize {
-        let (groups, nb) = (rows.div_ceil(GROUP), cols / QK);
         self.rows = rows;
         self.cols = cols;
         self.wide = wide;
-        self.quants.resize(groups * nb * self.block_bytes(), 0);
-        self.scales.resize(groups * nb * 2 * GROUP, 0.0);
-        nb
+        let (quants, scales) = Self::lens(rows, cols, self.block_bytes());
+        self.quants.resize(quants, 0);
+        self.scales.resize(scales, 0.0);
+        cols / QK
     }
 
     /// Each group's index, quants and scales, in parallel.
@@ -144,9 +151,7 @@ impl PackedQ4 {
             }
         });
     }
-}
 
-impl PackedQ4 {
     /// Pack `Wᵀ` of a decoded `rows × cols` matrix `w` (row-major), rounded
     /// to 5 bits: per output row `i` of `Wᵀ` and block of 32 of `w`'s rows,
     /// `d = (max − min)/31`, `m = min`, `q = round((v − m)/d)` (half up), as

@@ -412,9 +412,10 @@ fn activation_quantization() {
     }
     let z = quantize_activation_q8(&[0.0; 64]);
     assert!(z.d.iter().all(|&d| d == 0.0) && z.qs.iter().flatten().all(|&q| q == 0));
-    // Every level quantizes identically: random blocks, then blocks of
-    // ties (k + ½ steps), zeros, signed zeros, a NaN, an infinity, values
-    // near the smallest normal, and a partial last block.
+    // Every level quantizes identically: random blocks, then an evenly
+    // spaced block, a block of ties (k + ½ steps), zeros, signed zeros, a
+    // NaN, an infinity, values near the smallest normal, and a partial last
+    // block.
     let mut x = rng.normals(288);
     x.extend((0..32).map(|k| (k as f32 - 15.5) * 0.25));
     x.extend((0..32).map(|k| if k == 31 { 127.0 } else { k as f32 + 0.5 }));

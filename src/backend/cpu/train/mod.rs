@@ -78,6 +78,18 @@ struct Int8Products {
     x_of: Option<TensorId>,
 }
 
+impl Int8Products {
+    /// Round tensor `id`'s values `x` (rows of `cols`) to 8 bits, unless
+    /// they are the ones rounded last: tensors are written once per run, so
+    /// the same id is the same values.
+    fn quantize(&mut self, id: TensorId, x: &[f32], cols: usize) {
+        if self.x_of != Some(id) {
+            self.x.quantize(x, cols);
+            self.x_of = Some(id);
+        }
+    }
+}
+
 /// Lengths in f32 of the scratch a [`CpuStep`] allocates besides its arena:
 /// the widest frozen matrix decoded for one product, the loss head's
 /// `chunk × vocab` logits, and its block of decoded output rows.
@@ -289,11 +301,7 @@ impl<'m> CpuStep<'m> {
                 Op::Linear { w } if self.int8.is_some() && PackedQ4::supports(g.frozen[*w].ty) => {
                     let m = self.matrices[*w].as_ref().unwrap();
                     let q = self.int8.as_mut().unwrap();
-                    // Tensors are written once per run: the same id is the same values.
-                    if q.x_of != Some(i[0]) {
-                        q.x.quantize(read(i[0]), m.cols);
-                        q.x_of = Some(i[0]);
-                    }
+                    q.quantize(i[0], read(i[0]), m.cols);
                     q.w.pack(m.ty, m.rows, m.cols, m.data);
                     q4_gemm::gemm(&q.w, &q.x, write(o[0]));
                 }
@@ -316,10 +324,7 @@ impl<'m> CpuStep<'m> {
                         .for_each(|(r, row)| m.dequantize_row(r, row));
                     let dy = read(i[0]);
                     if let Some(q) = self.int8.as_mut().filter(|_| back_int8(m.rows)) {
-                        if q.x_of != Some(i[0]) {
-                            q.x.quantize(dy, m.rows);
-                            q.x_of = Some(i[0]);
-                        }
+                        q.quantize(i[0], dy, m.rows);
                         q.w.pack_transposed(wf, m.rows, m.cols);
                         q4_gemm::gemm(&q.w, &q.x, write(o[0]));
                     } else {
@@ -498,7 +503,7 @@ impl<'m> CpuStep<'m> {
 
 /// One step of `graph` (a [`LoraCase`]'s graph or a rewrite of it) over the
 /// case's model, batch and parameters at loss scale `scale`, with 8-bit
-/// forward products when `fast`: the (Σ NLL, count) and every parameter's
+/// frozen-weight products when `fast`: the (Σ NLL, count) and every parameter's
 /// gradient. The CPU step tests and the GPU's reference use it.
 ///
 /// [`LoraCase`]: crate::graph::testing::LoraCase
